@@ -1,0 +1,33 @@
+"""diffusion_lightning: Lightning modules, data modules and callbacks for diffusion models."""
+
+from diffusion_lightning.data import CIFAR10DataModule, MNISTDataModule
+from diffusion_lightning.modules import ClassConditionedDDPM, DiffusionModule, DiffusionStepOutput
+from diffusion_lightning.nets import ClassConditionedUnet, UNetConfig, build_unet
+from diffusion_lightning.optim import WarmupCosineLR
+from diffusion_lightning.pipelines import (
+    ClassConditionedPipeline,
+    ClassConditionedPipelineOutput,
+    ClassGridOutput,
+)
+from diffusion_lightning.schedulers import make_scheduler
+from diffusion_lightning.utils.checkpoint import load_module
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CIFAR10DataModule",
+    "ClassConditionedDDPM",
+    "ClassConditionedPipeline",
+    "ClassConditionedPipelineOutput",
+    "ClassConditionedUnet",
+    "ClassGridOutput",
+    "DiffusionModule",
+    "DiffusionStepOutput",
+    "MNISTDataModule",
+    "UNetConfig",
+    "WarmupCosineLR",
+    "__version__",
+    "build_unet",
+    "load_module",
+    "make_scheduler",
+]

@@ -1,0 +1,85 @@
+"""Write a JSON summary of a run (steps, wall time, final metrics) when fitting ends."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities import rank_zero_only
+from typing_extensions import override
+
+from diffusion_lightning.utils.io import write_json
+
+
+class RunSummary(Callback):
+    """Record how a ``fit`` went in one small JSON file, also when it is interrupted.
+
+    The file holds ``status`` (``finished``, ``interrupted`` or ``failed``), ``global_step``,
+    ``epochs``, ``wall_time_s``, ``steps_per_s``, every scalar in ``trainer.callback_metrics``
+    under ``metrics`` (final train and validation losses among them) and the best and last
+    checkpoint paths. Written atomically, by rank 0 only.
+
+    Args:
+        path: Where to write; default ``<trainer.default_root_dir>/metrics.json``.
+    """
+
+    def __init__(self, path: str | None = None) -> None:
+        self.path = path
+        self._start: float | None = None
+        self._start_step = 0
+
+    def _target(self, trainer: pl.Trainer) -> Path:
+        return Path(self.path) if self.path else Path(trainer.default_root_dir) / "metrics.json"
+
+    @override
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start_step = trainer.global_step
+
+    def summary(self, trainer: pl.Trainer, status: str) -> dict[str, Any]:
+        """The summary as a dictionary (what is written)."""
+        elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
+        steps = trainer.global_step - self._start_step
+        metrics = {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+        }
+        checkpoint = trainer.checkpoint_callback
+        return {
+            "status": status,
+            "global_step": trainer.global_step,
+            "steps_this_run": steps,
+            "epochs": trainer.current_epoch,
+            "wall_time_s": round(elapsed, 2),
+            "steps_per_s": round(steps / elapsed, 4) if elapsed > 0 else None,
+            "metrics": metrics,
+            "best_model_path": getattr(checkpoint, "best_model_path", None) or None,
+            "best_model_score": (
+                float(checkpoint.best_model_score)
+                if getattr(checkpoint, "best_model_score", None) is not None
+                else None
+            ),
+            "last_model_path": getattr(checkpoint, "last_model_path", None) or None,
+            "pid": os.getpid(),
+        }
+
+    @rank_zero_only
+    def _write(self, trainer: pl.Trainer, status: str) -> None:
+        write_json(self._target(trainer), self.summary(trainer, status))
+
+    @override
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._write(trainer, "interrupted" if trainer.interrupted else "finished")
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._write(trainer, "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")

@@ -1,0 +1,99 @@
+"""``diffusion-lightning``: LightningCLI for training plus commands for sampling and export.
+
+``fit``, ``validate``, ``test`` and ``predict`` are LightningCLI subcommands configured by YAML
+(``--config configs/X.yaml``, any value overridable as ``--model.learning_rate 3e-4``). The other
+commands work on what training leaves behind (checkpoints and exported pipelines) and are
+dispatched before LightningCLI parses anything, so they never build a Trainer.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from lightning.pytorch import LightningDataModule
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from typing_extensions import override
+
+from diffusion_lightning.modules.base import DiffusionModule
+
+#: Data-module attributes copied into the model's arguments so a config names them once.
+DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channels", "class_names")
+
+
+def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
+    from diffusion_lightning.commands import export, sample
+
+    return {
+        "sample": ("Generate a labelled grid and per-image PNGs from a checkpoint or pipeline.", sample.main),
+        "export": ("Write a diffusers pipeline folder from a checkpoint.", export.main),
+    }
+
+
+class DiffusionCLI(LightningCLI):
+    """LightningCLI with the project's defaults.
+
+    - any :class:`DiffusionModule` as ``model`` and any ``LightningDataModule`` as ``data``
+      (``class_path``/``init_args``);
+    - the data module's ``num_classes``, ``image_size``, ``in_channels`` and ``class_names`` are
+      linked to the model's arguments of the same name;
+    - a ``checkpoint`` group configures one ``ModelCheckpoint`` that keeps the best (lowest
+      ``val/loss``) and the last checkpoint in ``<default_root_dir>/checkpoints``, so
+      ``--ckpt_path last`` finds the last one of an earlier run;
+    - TensorBoard is the default logger (Lightning's default when tensorboard is installed).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        kwargs.setdefault("model_class", DiffusionModule)
+        kwargs.setdefault("datamodule_class", LightningDataModule)
+        kwargs.setdefault("subclass_mode_model", True)
+        kwargs.setdefault("subclass_mode_data", True)
+        kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        parser_kwargs = kwargs.setdefault("parser_kwargs", {})
+        parser_kwargs.setdefault("description", "Train and evaluate diffusion models.")
+        parser_kwargs.setdefault("epilog", _epilog())
+        super().__init__(*args, **kwargs)
+
+    @override
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_top_k": 1,
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-{epoch:03d}-{step:06d}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        for name in DATA_TO_MODEL_LINKS:
+            parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+
+    @override
+    def before_instantiate_classes(self) -> None:
+        config = self.config.get(self.config.get("subcommand")) if "subcommand" in self.config else self.config
+        if config is None or "checkpoint" not in config:
+            return
+        if config.checkpoint.dirpath is None:
+            root = config.trainer.default_root_dir or os.getcwd()
+            config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
+
+def _epilog() -> str:
+    lines = ["other commands (run with --help for their options):"]
+    lines += [f"  {name:<10} {text}" for name, (text, _) in _extra_commands().items()]
+    return "\n".join(lines)
+
+
+def main(args: Sequence[str] | None = None) -> None:
+    """Entry point of ``diffusion-lightning`` and ``python -m diffusion_lightning``."""
+    argv = list(sys.argv[1:] if args is None else args)
+    extra = _extra_commands()
+    if argv and argv[0] in extra:
+        extra[argv[0]][1](argv[1:])
+        return
+    DiffusionCLI(args=None if args is None else argv)

@@ -1,0 +1,1 @@
+"""Commands of ``diffusion-lightning`` that run outside LightningCLI's Trainer subcommands."""

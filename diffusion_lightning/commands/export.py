@@ -1,0 +1,40 @@
+"""``diffusion-lightning export``: a checkpoint to a diffusers pipeline folder."""
+
+from __future__ import annotations
+
+import argparse
+from collections.abc import Sequence
+from pathlib import Path
+
+from diffusion_lightning.schedulers import SCHEDULERS
+from diffusion_lightning.utils.checkpoint import load_module
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="diffusion-lightning export",
+        description="Write the model of a checkpoint as a diffusers pipeline folder that loads with "
+        "from_pretrained. The folder appears only once complete.",
+    )
+    parser.add_argument(
+        "--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", required=True, help="a .ckpt file written by fit"
+    )
+    parser.add_argument("--out", required=True, help="pipeline folder to write (replaced if it exists)")
+    parser.add_argument(
+        "--scheduler",
+        choices=sorted(SCHEDULERS),
+        help="the pipeline's sampling scheduler (default: the model's sampler)",
+    )
+    parser.add_argument(
+        "--weights", choices=("ema", "raw"), default="ema",
+        help="the EMA weights when the run had them (default) or the raw trained ones",
+    )  # fmt: skip
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    module = load_module(args.ckpt, weights=args.weights)
+    path = module.export_pipeline(args.out, scheduler=args.scheduler)
+    print(f"exported {type(module).__name__} from {args.ckpt} to {path}")
+    return path

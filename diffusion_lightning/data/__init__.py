@@ -1,0 +1,19 @@
+"""LightningDataModules, one per dataset."""
+
+from diffusion_lightning.data.base import (
+    EpochSeededSampler,
+    LabelledImageDataModule,
+    LabelledImages,
+    stratified_split,
+)
+from diffusion_lightning.data.cifar import CIFAR10DataModule
+from diffusion_lightning.data.mnist import MNISTDataModule
+
+__all__ = [
+    "CIFAR10DataModule",
+    "EpochSeededSampler",
+    "LabelledImageDataModule",
+    "LabelledImages",
+    "MNISTDataModule",
+    "stratified_split",
+]

@@ -1,0 +1,264 @@
+"""What every labelled-image data module shares: datasets, a seeded split, resumable shuffling.
+
+A concrete data module says only how to read its source (:meth:`LabelledImageDataModule.load`);
+splitting, loaders, the predict set of class labels and the resume state live here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningDataModule
+from torch.utils.data import DataLoader, Dataset, Sampler
+from typing_extensions import override
+
+from diffusion_lightning.utils.seeding import mix_seed
+
+
+class LabelledImages(Dataset):
+    """``uint8`` images with integer labels, served as ``{"images", "labels"}`` in ``[-1, 1]``.
+
+    Args:
+        images: ``(N, C, H, W)`` ``uint8`` tensor.
+        labels: ``(N,)`` integer tensor.
+        pad_to: Pad each image with background (``-1``) to this square size, centred.
+    """
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, pad_to: int | None = None) -> None:
+        if images.ndim != 4 or images.dtype != torch.uint8:
+            raise ValueError(f"images must be a (N, C, H, W) uint8 tensor, got {images.dtype} {tuple(images.shape)}.")
+        if labels.shape != (images.shape[0],):
+            raise ValueError(f"labels has shape {tuple(labels.shape)}, expected ({images.shape[0]},).")
+        height, width = images.shape[-2:]
+        if pad_to is not None and pad_to < max(height, width):
+            raise ValueError(f"pad_to={pad_to!r} is smaller than the images ({height}x{width}).")
+        self.images = images
+        self.labels = labels.long()
+        self.pad_to = pad_to
+        self._pad = (0, 0, 0, 0)
+        if pad_to is not None:
+            top, left = (pad_to - height) // 2, (pad_to - width) // 2
+            self._pad = (left, pad_to - width - left, top, pad_to - height - top)
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        image = self.images[index].float().div_(127.5).sub_(1.0)
+        if self.pad_to is not None:
+            image = torch.nn.functional.pad(image, self._pad, value=-1.0)
+        return {"images": image, "labels": self.labels[index]}
+
+
+class EpochSeededSampler(Sampler[int]):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+
+    Lightning calls :meth:`set_epoch` before each epoch. After a mid-epoch resume,
+    :meth:`skip_in_epoch` drops the samples the interrupted run had already consumed, once, so the
+    resumed run sees exactly the batches the uninterrupted run would have seen. torch's
+    ``RandomSampler`` draws from the global generator and cannot be replayed from a checkpoint;
+    this is why the sampler is written here.
+
+    Args:
+        num_samples: Size of the dataset.
+        seed: Seed of the shuffling.
+        shuffle: ``False`` iterates in order (the skip still applies).
+    """
+
+    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+        self.num_samples = num_samples
+        self.seed = seed
+        self.shuffle = shuffle
+        self.epoch = 0
+        self._skip: dict[int, int] = {}
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def skip_in_epoch(self, epoch: int, num_samples: int) -> None:
+        """Skip the first ``num_samples`` samples the next time epoch ``epoch`` is iterated."""
+        self._skip[epoch] = num_samples
+
+    def __iter__(self) -> Iterator[int]:
+        if self.shuffle:
+            generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
+            order = torch.randperm(self.num_samples, generator=generator).tolist()
+        else:
+            order = list(range(self.num_samples))
+        return iter(order[self._skip.pop(self.epoch, 0) :])
+
+    def __len__(self) -> int:
+        return self.num_samples - self._skip.get(self.epoch, 0)
+
+
+def stratified_split(labels: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
+    """Index sets of the given sizes (the rest last), class-balanced, random within each class.
+
+    Samples are shuffled, then ordered by their rank within their class relative to the class
+    size, so every prefix of the order holds the classes in their overall proportions.
+    """
+    n = labels.shape[0]
+    generator = torch.Generator().manual_seed(seed)
+    perm = torch.randperm(n, generator=generator)
+    shuffled = labels[perm]
+    key = torch.empty(n, dtype=torch.float64)
+    for c in shuffled.unique():
+        where = (shuffled == c).nonzero().flatten()
+        key[where] = torch.arange(where.numel(), dtype=torch.float64) / where.numel()
+    order = perm[torch.argsort(key, stable=True)]
+    parts, start = [], 0
+    for size in sizes:
+        parts.append(order[start : start + size])
+        start += size
+    parts.append(order[start:])
+    return parts
+
+
+def _check_fraction(field: str, value: float) -> None:
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{field}={value!r} must be in [0, 1).")
+
+
+class LabelledImageDataModule(LightningDataModule):
+    """Base of the class-labelled image data modules.
+
+    Subclasses implement :meth:`load` and set ``num_classes``, ``in_channels``, ``image_size`` and
+    ``class_names`` in ``__init__`` (the CLI links them to the model before any data is read).
+
+    Args:
+        batch_size: Training batch size.
+        eval_batch_size: Validation, test and predict batch size (default: ``batch_size``).
+        val_fraction: Fraction of the training set held out for validation (class-balanced).
+        seed: Seed of the split and of the shuffling.
+        num_workers: DataLoader worker processes (0 loads in the training process).
+        pin_memory: Pin batches in page-locked memory (faster host-to-GPU copies).
+        drop_last: Drop the last incomplete training batch (keeps shapes static for ``compile``).
+        predict_samples_per_class: Labels per class served by ``predict_dataloader``.
+    """
+
+    num_classes: int
+    in_channels: int
+    image_size: int
+    class_names: list[str]
+
+    def __init__(
+        self,
+        batch_size: int = 128,
+        eval_batch_size: int | None = None,
+        val_fraction: float = 0.1,
+        seed: int = 0,
+        num_workers: int = 0,
+        pin_memory: bool = False,
+        drop_last: bool = True,
+        predict_samples_per_class: int = 8,
+    ) -> None:
+        super().__init__()
+        for field, value in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+            if value is not None and value < 1:
+                raise ValueError(f"{field}={value!r} must be >= 1.")
+        _check_fraction("val_fraction", val_fraction)
+        if num_workers < 0:
+            raise ValueError(f"num_workers={num_workers!r} must be >= 0.")
+        if predict_samples_per_class < 1:
+            raise ValueError(f"predict_samples_per_class={predict_samples_per_class!r} must be >= 1.")
+        self.batch_size = batch_size
+        self.eval_batch_size = eval_batch_size or batch_size
+        self.val_fraction = val_fraction
+        self.seed = seed
+        self.num_workers = num_workers
+        self.pin_memory = pin_memory
+        self.drop_last = drop_last
+        self.predict_samples_per_class = predict_samples_per_class
+        self.datasets: dict[str, LabelledImages] = {}
+        self._sampler: EpochSeededSampler | None = None
+        self._resume: dict[str, int] | None = None
+
+    def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Read the source: ``{"train": (images, labels), "test": ...}``, ``uint8`` ``(N, C, H, W)``.
+
+        A source without an official test split returns ``train`` only; ``split`` carves the rest.
+        """
+        raise NotImplementedError
+
+    def split(
+        self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Hold out ``val_fraction`` of the training set for validation, class-balanced."""
+        images, labels = data["train"]
+        n_val = round(self.val_fraction * labels.shape[0])
+        val, train = stratified_split(labels, (n_val,), self.seed)
+        return {"train": (images[train], labels[train]), "val": (images[val], labels[val]), "test": data["test"]}
+
+    def pad_to(self) -> int | None:
+        return None
+
+    @override
+    def setup(self, stage: str | None = None) -> None:
+        if self.datasets:
+            return
+        parts = self.split(self.load())
+        self.datasets = {
+            name: LabelledImages(images, labels, pad_to=self.pad_to()) for name, (images, labels) in parts.items()
+        }
+
+    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
+        return DataLoader(
+            dataset,
+            batch_size=batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            **kwargs,
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        self.setup("fit")
+        self._sampler = EpochSeededSampler(len(self.datasets["train"]), seed=self.seed)
+        if self._resume is not None:
+            self._sampler.skip_in_epoch(self._resume["epoch"], self._resume["samples_seen"])
+            self._resume = None
+        return self._loader(self.datasets["train"], self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
+
+    @override
+    def val_dataloader(self) -> DataLoader:
+        self.setup("validate")
+        return self._loader(self.datasets["val"], self.eval_batch_size)
+
+    @override
+    def test_dataloader(self) -> DataLoader:
+        self.setup("test")
+        return self._loader(self.datasets["test"], self.eval_batch_size)
+
+    @override
+    def predict_dataloader(self) -> DataLoader:
+        labels = torch.arange(self.num_classes).repeat_interleave(self.predict_samples_per_class)
+        return DataLoader(_Labels(labels), batch_size=self.eval_batch_size)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        """Epoch and samples consumed in it, so a mid-epoch resume skips what was already seen."""
+        trainer = self.trainer
+        if trainer is None:
+            return {"epoch": 0, "samples_seen": 0}
+        # Checkpoints are written from on_train_batch_end, after the batch was processed but
+        # before Lightning counts it completed: ``processed`` is the number of batches consumed.
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        return {"epoch": trainer.current_epoch, "samples_seen": batches * self.batch_size}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self._resume = {"epoch": int(state_dict["epoch"]), "samples_seen": int(state_dict["samples_seen"])}
+
+
+class _Labels(Dataset):
+    def __init__(self, labels: torch.Tensor) -> None:
+        self.labels = labels
+
+    def __len__(self) -> int:
+        return self.labels.shape[0]
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        return {"labels": self.labels[index]}

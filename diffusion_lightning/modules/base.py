@@ -1,0 +1,298 @@
+"""The training core shared by every diffusion LightningModule.
+
+:class:`DiffusionModule` owns the forward (noising) process, the objective and the optimizer
+set-up. A concrete model says only how to turn a batch into ``(x_0, condition)``, how to drop the
+condition for classifier-free guidance, how to run its network and how to assemble a pipeline.
+Sampling lives in pipelines and logging beyond the losses lives in callbacks.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch.optim import AdamW
+from typing_extensions import override
+
+from diffusion_lightning.losses import (
+    LOSS_TYPES,
+    check_choice,
+    diffusion_loss,
+    min_snr_weights,
+    snr,
+    training_target,
+)
+from diffusion_lightning.optim import WarmupCosineLR
+from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
+from diffusion_lightning.utils.io import atomic_directory
+from diffusion_lightning.utils.seeding import collect_rng_states, mix_seed, restore_rng_states
+
+__all__ = ["DiffusionModule", "DiffusionStepOutput", "mix_seed"]
+
+
+@dataclass
+class DiffusionStepOutput:
+    """Everything one denoising-loss evaluation computed, for callbacks and research code."""
+
+    loss: torch.Tensor
+    """Weighted mean loss (what is optimized)."""
+    per_sample_loss: torch.Tensor
+    """Unweighted loss of each sample, ``(B,)``."""
+    timesteps: torch.Tensor
+    """Timestep of each sample, ``(B,)``."""
+    noisy: torch.Tensor
+    """The network input ``x_t``."""
+    prediction: torch.Tensor
+    """The network output."""
+    target: torch.Tensor
+    """The regression target."""
+
+
+class DiffusionModule(LightningModule, ABC):
+    """Base LightningModule: noise, predict, regress, for any denoiser and conditioning.
+
+    Noise, timesteps and condition dropout are drawn from a generator seeded by
+    ``(seed, epoch, batch, rank)``, so an interrupted run resumed from a checkpoint draws exactly
+    what the uninterrupted run would have, on any device and any number of processes. The global
+    RNG states (torch, CUDA, numpy, random) are stored in checkpoints and restored on resume.
+
+    Args:
+        num_train_timesteps: Length ``T`` of the forward process.
+        beta_schedule: ``linear``, ``scaled_linear`` or ``squaredcos_cap_v2`` (cosine).
+        beta_start: First beta of the linear schedules.
+        beta_end: Last beta of the linear schedules.
+        rescale_betas_zero_snr: Rescale the betas to reach zero terminal SNR (Lin et al. 2024).
+        prediction_type: Network target: ``epsilon``, ``v_prediction`` or ``sample``.
+        loss_type: ``l2``, ``l1`` or ``huber`` (pseudo-Huber).
+        huber_c: Transition point of the pseudo-Huber loss.
+        snr_gamma: Min-SNR-gamma loss weighting (5.0 is the paper's choice); ``None`` disables it.
+        learning_rate: Peak learning rate; it is set on every parameter group of the optimizer.
+        optimizer: Optimizer factory taking parameter groups (weight decay is off for biases and
+            normalization weights).
+        lr_scheduler: LR scheduler factory taking the optimizer, stepped every optimizer step;
+            ``None`` keeps the LR constant.
+        compile: ``torch.compile`` the denoiser when fitting starts.
+        seed: Seed of the training noise, timesteps and condition dropout.
+        sampler: Scheduler used by exported pipelines and ``predict``: one of ``ddpm``, ``ddim``,
+            ``dpm``, ``euler``, ``euler_a``, ``unipc``.
+        num_inference_steps: Default number of sampling steps.
+        guidance_scale: Default classifier-free guidance scale (1 = none).
+    """
+
+    def __init__(
+        self,
+        num_train_timesteps: int = 1000,
+        beta_schedule: str = "linear",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        rescale_betas_zero_snr: bool = False,
+        prediction_type: str = "epsilon",
+        loss_type: str = "l2",
+        huber_c: float = 0.1,
+        snr_gamma: float | None = None,
+        learning_rate: float = 1e-4,
+        optimizer: OptimizerCallable = AdamW,
+        lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
+        compile: bool = False,
+        seed: int = 0,
+        sampler: str = "dpm",
+        num_inference_steps: int = 25,
+        guidance_scale: float = 2.0,
+    ) -> None:
+        super().__init__()
+        check_choice("loss_type", loss_type, LOSS_TYPES)
+        check_choice("sampler", sampler, tuple(SCHEDULERS))
+        if snr_gamma is not None and snr_gamma <= 0:
+            raise ValueError(f"snr_gamma={snr_gamma!r} must be > 0, or None to disable min-SNR weighting.")
+        if learning_rate <= 0:
+            raise ValueError(f"learning_rate={learning_rate!r} must be > 0.")
+        if huber_c <= 0:
+            raise ValueError(f"huber_c={huber_c!r} must be > 0.")
+        if num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be >= 1.")
+        if guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be >= 0 (1 disables guidance).")
+        self.noise_scheduler = training_scheduler(
+            num_train_timesteps=num_train_timesteps,
+            beta_schedule=beta_schedule,
+            beta_start=beta_start,
+            beta_end=beta_end,
+            prediction_type=prediction_type,
+            rescale_betas_zero_snr=rescale_betas_zero_snr,
+        )
+        self.prediction_type = prediction_type
+        self.loss_type = loss_type
+        self.huber_c = huber_c
+        self.snr_gamma = snr_gamma
+        self.learning_rate = learning_rate
+        self.optimizer_factory = optimizer
+        self.lr_scheduler_factory = lr_scheduler
+        self.compile_network = compile
+        self.seed = seed
+        self.sampler = sampler
+        self.num_inference_steps = num_inference_steps
+        self.guidance_scale = guidance_scale
+        self._generator: torch.Generator | None = None
+        self._rng_states_to_restore: dict[str, Any] | None = None
+
+    # ------------------------------------------------------------------ what subclasses provide
+
+    @abstractmethod
+    def unpack_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
+        """Split a batch into the clean sample ``x_0`` (what is noised) and its condition."""
+
+    @abstractmethod
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Any) -> torch.Tensor:
+        """The denoiser's prediction at ``(x_t, t)`` given the condition."""
+
+    def drop_condition(self, condition: Any, generator: torch.Generator) -> Any:
+        """Replace some conditions by the null condition (classifier-free guidance training)."""
+        return condition
+
+    @abstractmethod
+    def build_pipeline(self, scheduler: str | None = None) -> Any:
+        """A diffusers pipeline around the current weights, with the named sampling scheduler."""
+
+    @property
+    @abstractmethod
+    def denoiser(self) -> torch.nn.Module:
+        """The network being trained (what EMA averages, ``compile`` compiles and export saves)."""
+
+    # ------------------------------------------------------------------ the shared objective
+
+    def generator(self, *keys: int) -> torch.Generator:
+        """A generator on this module's device seeded by ``(seed, *keys)``."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+        self._generator.manual_seed(mix_seed(self.seed, *keys))
+        return self._generator
+
+    def sample_timesteps(self, batch_size: int, generator: torch.Generator, stratified: bool = False) -> torch.Tensor:
+        """Uniform integer timesteps; ``stratified`` spreads them evenly over ``[0, T)``."""
+        steps = self.noise_scheduler.config.num_train_timesteps
+        if stratified:
+            u = torch.rand(batch_size, generator=generator, device=self.device)
+            t = ((torch.arange(batch_size, device=self.device) + u) * steps / batch_size).long()
+            return t.clamp_(0, steps - 1)
+        return torch.randint(0, steps, (batch_size,), generator=generator, device=self.device)
+
+    def diffusion_step(
+        self,
+        sample: torch.Tensor,
+        condition: Any,
+        generator: torch.Generator,
+        timesteps: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+    ) -> DiffusionStepOutput:
+        """Noise ``sample`` at random (or given) timesteps, predict and compute the loss."""
+        if noise is None:
+            noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+        if timesteps is None:
+            timesteps = self.sample_timesteps(sample.shape[0], generator)
+        noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
+        prediction = self(noisy, timesteps, condition)
+        target = training_target(self.noise_scheduler, sample, noise, timesteps, self.prediction_type)
+        weights = None
+        if self.snr_gamma is not None:
+            weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.snr_gamma, self.prediction_type)
+        loss, per_sample = diffusion_loss(
+            prediction, target, loss_type=self.loss_type, weights=weights, huber_c=self.huber_c
+        )
+        return DiffusionStepOutput(loss, per_sample.detach(), timesteps, noisy, prediction, target)
+
+    @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        sample, condition = self.unpack_batch(batch)
+        generator = self.generator(self.current_epoch, batch_idx, self.global_rank)
+        condition = self.drop_condition(condition, generator)
+        out = self.diffusion_step(sample, condition, generator)
+        self.log("train/loss", out.loss, prog_bar=True, batch_size=sample.shape[0])
+        return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> DiffusionStepOutput:
+        # Fixed noise and stratified timesteps per batch index: the same value every epoch and run.
+        sample, condition = self.unpack_batch(batch)
+        generator = self.generator(0x5EED, batch_idx, self.global_rank)
+        timesteps = self.sample_timesteps(sample.shape[0], generator, stratified=True)
+        out = self.diffusion_step(sample, condition, generator, timesteps=timesteps)
+        self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=sample.shape[0])
+        return out
+
+    @override
+    def validation_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        out = self._evaluation_step(batch, batch_idx, "val")
+        return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
+
+    @override
+    def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        out = self._evaluation_step(batch, batch_idx, "test")
+        return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
+
+    # ------------------------------------------------------------------ optimization
+
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        """Trainable parameters split into decayed weights and undecayed biases/norm weights."""
+        decay, no_decay = [], []
+        for param in self.parameters():
+            if param.requires_grad:
+                (no_decay if param.ndim <= 1 else decay).append(param)
+        groups = [{"params": decay, "lr": self.learning_rate}]
+        if no_decay:
+            groups.append({"params": no_decay, "lr": self.learning_rate, "weight_decay": 0.0})
+        return groups
+
+    @override
+    def configure_optimizers(self) -> Any:
+        optimizer = self.optimizer_factory(self.parameter_groups())
+        if self.lr_scheduler_factory is None:
+            return optimizer
+        scheduler = self.lr_scheduler_factory(optimizer)
+        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+            total = self.trainer.estimated_stepping_batches
+            if total is not None and total != float("inf"):
+                scheduler.set_total_steps(max(int(total), scheduler.warmup_steps, 1))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    @override
+    def on_fit_start(self) -> None:
+        if self.compile_network:
+            self.denoiser.compile()
+
+    # ------------------------------------------------------------------ checkpoints and export
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        cls = type(self)
+        checkpoint["diffusion_lightning"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
+        checkpoint["rng_states"] = collect_rng_states()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._rng_states_to_restore = checkpoint.get("rng_states")
+
+    @override
+    def on_train_start(self) -> None:
+        if self._rng_states_to_restore is not None:
+            restore_rng_states(self._rng_states_to_restore)
+            self._rng_states_to_restore = None
+
+    def export_pipeline(self, path: str | os.PathLike[str], scheduler: str | None = None) -> Path:
+        """Save a ready-to-load diffusers pipeline folder, atomically.
+
+        The folder appears only once complete: it is written next to ``path`` and renamed into
+        place, so an interrupted export never leaves a folder that ``from_pretrained`` accepts.
+        """
+        pipeline = self.build_pipeline(scheduler)
+        with atomic_directory(path) as tmp:
+            pipeline.save_pretrained(tmp, safe_serialization=True)
+        return Path(path)
+
+    def sampling_scheduler(self, name: str | None = None):
+        """The named sampling scheduler (default: ``sampler``) with the training noise schedule."""
+        return make_scheduler(name or self.sampler, self.noise_scheduler.config)

@@ -1,0 +1,269 @@
+"""Class-conditioned image generation with classifier-free guidance, as a diffusers pipeline."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import PIL.Image
+import torch
+from diffusers import DiffusionPipeline
+from diffusers.utils import BaseOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from diffusion_lightning.nets.unet import num_classes_of
+from diffusion_lightning.utils.images import label_grid, make_grid
+
+OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+@dataclass
+class ClassConditionedPipelineOutput(BaseOutput):
+    """Output of :class:`ClassConditionedPipeline`.
+
+    Args:
+        images: PIL images, a ``(B, H, W, C)`` array or a ``(B, C, H, W)`` tensor, in ``[0, 1]``.
+        class_labels: The class of each image, a ``(B,)`` long tensor.
+    """
+
+    images: list[PIL.Image.Image] | np.ndarray | torch.Tensor
+    class_labels: torch.Tensor
+
+
+@dataclass
+class ClassGridOutput(BaseOutput):
+    """Output of :meth:`ClassConditionedPipeline.generate_grid`.
+
+    Args:
+        grid: The grid as a ``(C, H, W)`` tensor in ``[0, 1]``, one row per class.
+        pil_grid: The same grid as a PIL image, rows labelled with their class.
+        images: The individual images, ``(B, C, H, W)`` in ``[0, 1]``, row-major.
+        class_labels: The class of each image.
+    """
+
+    grid: torch.Tensor
+    pil_grid: PIL.Image.Image
+    images: torch.Tensor
+    class_labels: torch.Tensor
+
+
+class ClassConditionedPipeline(DiffusionPipeline):
+    """Generate images of given classes with a class-conditioned UNet and any diffusers scheduler.
+
+    The UNet is either a plain ``UNet2DModel`` with ``num_class_embeds = classes + 1`` or a
+    :class:`~diffusion_lightning.ClassConditionedUnet`; in both, label ``num_classes`` is the null
+    class that classifier-free guidance uses for the unconditional prediction.
+
+    ``guidance_scale`` follows the diffusers convention: ``1`` is the plain conditional model, ``0``
+    the unconditional one, and ``s > 1`` extrapolates ``eps_u + s * (eps_c - eps_u)``; for
+    ``s`` not in ``{0, 1}`` both predictions come from one batched forward of ``2B`` samples.
+
+    Args:
+        unet: The class-conditioned denoiser.
+        scheduler: Any diffusers scheduler (DDPM, DDIM, DPMSolverMultistep, Euler, ...); swap it with
+            ``pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)``.
+        class_names: Optional names of the classes, used to label grids.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "noise_pred", "pred_original_sample"]
+
+    def __init__(self, unet, scheduler, class_names: list[str] | None = None) -> None:
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+        if class_names is not None and len(class_names) != num_classes_of(unet):
+            raise ValueError(
+                f"class_names has {len(class_names)} entries but the unet has {num_classes_of(unet)} classes."
+            )
+        self.register_to_config(class_names=list(class_names) if class_names is not None else None)
+
+    @property
+    def num_classes(self) -> int:
+        """Number of real classes (the null class excluded)."""
+        return num_classes_of(self.unet)
+
+    def class_label_tensor(
+        self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None
+    ) -> torch.Tensor:
+        """Validate ``class_labels`` and return them as a ``(B,)`` long tensor."""
+        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+            raise ValueError(f"batch_size={batch_size!r} must be a positive int or None.")
+        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
+            labels = torch.full((batch_size or 1,), int(class_labels), dtype=torch.long)
+        elif isinstance(class_labels, torch.Tensor):
+            labels = class_labels.detach().flatten().long().cpu()
+        elif isinstance(class_labels, Sequence) and not isinstance(class_labels, str):
+            if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in class_labels):
+                raise ValueError(f"class_labels={list(class_labels)!r} must hold ints.")
+            labels = torch.tensor([int(c) for c in class_labels], dtype=torch.long)
+        else:
+            raise ValueError(f"class_labels={class_labels!r} must be an int, a list of ints or a 1-D tensor.")
+        if labels.numel() == 0:
+            raise ValueError("class_labels is empty; give at least one class.")
+        if batch_size is not None and labels.numel() != batch_size:
+            raise ValueError(
+                f"class_labels has {labels.numel()} entries but batch_size={batch_size}; "
+                "give batch_size=None or a matching number of labels."
+            )
+        bad = labels[(labels < 0) | (labels >= self.num_classes)]
+        if bad.numel():
+            raise ValueError(
+                f"class_labels contains {sorted(set(bad.tolist()))}; accepted classes are 0..{self.num_classes - 1}."
+            )
+        return labels
+
+    def _extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+        params = set(inspect.signature(self.scheduler.step).parameters)
+        kwargs: dict[str, Any] = {}
+        if "generator" in params:
+            kwargs["generator"] = generator
+        if "eta" in params:
+            kwargs["eta"] = eta
+        return kwargs
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        class_labels: int | Sequence[int] | torch.Tensor,
+        batch_size: int | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        latents: torch.Tensor | None = None,
+        eta: float = 0.0,
+        callback_on_step_end: Callable[[Any, int, Any, dict[str, torch.Tensor]], dict] | None = None,
+        callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
+    ) -> ClassConditionedPipelineOutput | tuple:
+        """Generate one image per class label.
+
+        Args:
+            class_labels: An int (repeated ``batch_size`` times, default once), a list of ints or a
+                1-D tensor of classes in ``0..num_classes-1``.
+            batch_size: Number of images; must match the labels' length when they are a list.
+            num_inference_steps: Denoising steps of the scheduler.
+            guidance_scale: Classifier-free guidance scale, ``>= 0`` (1 = no guidance).
+            generator: Torch generator(s) for reproducible noise.
+            output_type: ``pil`` (list of images), ``np`` (``B, H, W, C`` array) or ``pt`` (``B, C, H, W``).
+            return_dict: Return a :class:`ClassConditionedPipelineOutput` rather than a tuple.
+            latents: Initial noise of shape ``(B, C, H, W)``; drawn from ``generator`` when omitted.
+            eta: DDIM's eta (ignored by schedulers without it).
+            callback_on_step_end: Called after every step as ``fn(pipe, i, t, tensors)`` with the
+                tensors named in ``callback_on_step_end_tensor_inputs``; a returned ``latents``
+                replaces the current sample.
+            callback_on_step_end_tensor_inputs: Names from ``latents``, ``noise_pred``,
+                ``pred_original_sample``.
+        """
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not supported; expected one of {list(OUTPUT_TYPES)}.")
+        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0 (1 disables guidance).")
+        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int.")
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {sorted(unknown)}; accepted: {self._callback_tensor_inputs}."
+            )
+        labels = self.class_label_tensor(class_labels, batch_size)
+        device = self._execution_device
+        batch = labels.numel()
+        config = self.unet.config
+        shape = (batch, config.out_channels, config.sample_size, config.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape}.")
+        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+
+        labels = labels.to(device)
+        null = torch.full_like(labels, self.num_classes)
+        if guidance_scale == 1.0:
+            model_labels = labels
+        elif guidance_scale == 0.0:
+            model_labels = null
+        else:
+            model_labels = torch.cat([null, labels])
+        do_cfg = model_labels.numel() == 2 * batch
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device)
+        step_kwargs = self._extra_step_kwargs(generator if not isinstance(generator, list) else None, eta)
+        for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+            model_input = torch.cat([latents, latents]) if do_cfg else latents
+            model_input = self.scheduler.scale_model_input(model_input, t)
+            noise_pred = self.unet(model_input, t, class_labels=model_labels).sample
+            if do_cfg:
+                uncond, cond = noise_pred.chunk(2)
+                noise_pred = uncond + guidance_scale * (cond - uncond)
+            step = self.scheduler.step(noise_pred, t, latents, **step_kwargs)
+            latents = step.prev_sample
+            if callback_on_step_end is not None:
+                tensors = {
+                    "latents": latents,
+                    "noise_pred": noise_pred,
+                    "pred_original_sample": getattr(step, "pred_original_sample", None),
+                }
+                chosen = {k: tensors[k] for k in callback_on_step_end_tensor_inputs}
+                returned = callback_on_step_end(self, i, t, chosen) or {}
+                latents = returned.get("latents", latents)
+
+        images = (latents.float() / 2 + 0.5).clamp(0, 1)
+        self.maybe_free_model_hooks()
+        labels = labels.cpu()
+        if output_type == "pt":
+            out: Any = images
+        else:
+            arr = images.permute(0, 2, 3, 1).cpu().numpy()
+            out = arr if output_type == "np" else self.numpy_to_pil(arr)
+        if not return_dict:
+            return (out, labels)
+        return ClassConditionedPipelineOutput(images=out, class_labels=labels)
+
+    @torch.no_grad()
+    def generate_grid(
+        self,
+        num_per_class: int = 8,
+        classes: Sequence[int] | None = None,
+        num_inference_steps: int = 50,
+        guidance_scale: float = 2.0,
+        generator: torch.Generator | None = None,
+        batch_size: int | None = None,
+        scale: int = 2,
+        label_rows: bool = True,
+    ) -> ClassGridOutput:
+        """A grid with one row per class and ``num_per_class`` samples per row.
+
+        Args:
+            num_per_class: Columns of the grid.
+            classes: Rows, in order (default: every class).
+            num_inference_steps: Denoising steps.
+            guidance_scale: Classifier-free guidance scale.
+            generator: Torch generator for reproducible grids.
+            batch_size: Images per forward pass (default: the whole grid at once).
+            scale: Integer upscaling of the PIL grid (nearest neighbour), for small images.
+            label_rows: Write each row's class (or class name) left of it in the PIL grid.
+        """
+        if num_per_class < 1:
+            raise ValueError(f"num_per_class={num_per_class!r} must be >= 1.")
+        rows = list(range(self.num_classes)) if classes is None else list(classes)
+        labels = self.class_label_tensor(torch.tensor(rows).repeat_interleave(num_per_class))
+        chunk = batch_size or labels.numel()
+        parts = [
+            self(
+                labels[i : i + chunk],
+                num_inference_steps=num_inference_steps,
+                guidance_scale=guidance_scale,
+                generator=generator,
+                output_type="pt",
+            ).images.cpu()
+            for i in range(0, labels.numel(), chunk)
+        ]
+        images = torch.cat(parts)
+        grid = make_grid(images, nrow=num_per_class)
+        names = self.config.get("class_names") or [str(c) for c in range(self.num_classes)]
+        pil = label_grid(grid, [names[c] for c in rows] if label_rows else None, scale=scale)
+        return ClassGridOutput(grid=grid, pil_grid=pil, images=images, class_labels=labels)

@@ -1,0 +1,1 @@
+"""Small helpers shared by modules, callbacks and commands."""

@@ -1,0 +1,70 @@
+"""Shared fixtures: tiny networks built from init dicts, quiet CPU trainers, no downloads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch import Trainer
+
+from diffusion_lightning import ClassConditionedDDPM, ClassConditionedPipeline, UNetConfig, build_unet
+from diffusion_lightning.schedulers import make_scheduler, training_scheduler
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+
+REPO = Path(__file__).resolve().parents[1]
+
+TINY_NET = dict(block_out_channels=(8, 16), layers_per_block=1, norm_num_groups=4)
+
+
+def tiny_config(**overrides) -> UNetConfig:
+    return UNetConfig(**{**TINY_NET, **overrides})
+
+
+def tiny_ddpm(**kwargs) -> ClassConditionedDDPM:
+    kwargs.setdefault("net", tiny_config())
+    kwargs.setdefault("image_size", 8)
+    kwargs.setdefault("num_classes", 3)
+    return ClassConditionedDDPM(**kwargs)
+
+
+def quiet_trainer(tmp_path: Path, **kwargs) -> Trainer:
+    defaults = dict(
+        accelerator="cpu",
+        devices=1,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+    )
+    return Trainer(**{**defaults, **kwargs})
+
+
+@pytest.fixture
+def tiny_pipeline() -> ClassConditionedPipeline:
+    torch.manual_seed(0)
+    unet = build_unet(tiny_config(), sample_size=8, in_channels=1, num_classes=3)
+    scheduler = make_scheduler("ddim", training_scheduler(num_train_timesteps=100))
+    pipe = ClassConditionedPipeline(unet=unet, scheduler=scheduler)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+class RandomDigits(torch.utils.data.Dataset):
+    """A deterministic stand-in for a labelled image set: ``n`` random 8x8 images in [-1, 1]."""
+
+    def __init__(self, n: int = 32, size: int = 8, classes: int = 3, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.images = torch.rand(n, 1, size, size, generator=g) * 2 - 1
+        self.labels = torch.randint(0, classes, (n,), generator=g)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        return {"images": self.images[i], "labels": self.labels[i]}

@@ -1,0 +1,185 @@
+"""The command line as the README uses it: parse every config, fit, export, sample."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import UNet2DModel
+
+from diffusion_lightning import ClassConditionedPipeline
+from diffusion_lightning.cli import DiffusionCLI, main
+from tests.conftest import REPO
+
+CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+
+
+def test_there_are_configs():
+    names = {p.relative_to(REPO / "configs").as_posix() for p in CONFIGS}
+    assert {"ddpm_mnist.yaml", "ddpm_cifar10.yaml", "smoke/ddpm_mnist.yaml", "smoke/ddpm_cifar10.yaml"} <= names
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
+def test_every_config_parses_against_the_code(config):
+    cli = DiffusionCLI(args=["--config", str(config)], run=False)
+    assert cli.model is not None and cli.datamodule is not None
+    # data properties reach the model through the links
+    assert cli.model.num_classes == cli.datamodule.num_classes
+    assert cli.model.unet.config.sample_size == cli.datamodule.image_size
+
+
+def test_help_lists_the_extra_commands(capsys):
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    for command in ("fit", "validate", "test", "predict", "sample", "export"):
+        assert command in out
+
+
+def test_model_help_documents_shared_training_options(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--model.help", "ClassConditionedDDPM"])
+    out = capsys.readouterr().out
+    for option in ("--model.prediction_type", "--model.snr_gamma", "--model.p_uncond", "--model.net.help"):
+        assert option in out
+    assert "Min-SNR-gamma" in out  # the docstrings document every field
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    root = tmp_path_factory.mktemp("smoke")
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/smoke/ddpm_mnist.yaml"),
+            "--trainer.default_root_dir",
+            str(root),
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    return root
+
+
+def test_fit_writes_best_and_last_checkpoints_and_a_summary(smoke_run):
+    ckpts = sorted(p.name for p in (smoke_run / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(name.startswith("best-") for name in ckpts)
+    summary = json.loads((smoke_run / "metrics.json").read_text())
+    assert summary["status"] == "finished" and summary["global_step"] == 8
+    assert {"train/loss", "val/loss"} <= set(summary["metrics"])
+    assert (smoke_run / "lightning_logs" / "version_0" / "config.yaml").is_file()
+    assert any((smoke_run / "lightning_logs" / "version_0").glob("events.out.tfevents.*"))
+
+
+def test_resume_with_ckpt_path_last(smoke_run):
+    main(
+        [
+            "fit",
+            "--config",
+            str(REPO / "configs/smoke/ddpm_mnist.yaml"),
+            "--trainer.default_root_dir",
+            str(smoke_run),
+            "--trainer.max_epochs",
+            "3",
+            "--ckpt_path",
+            "last",
+            "--trainer.enable_progress_bar",
+            "false",
+        ]
+    )
+    summary = json.loads((smoke_run / "metrics.json").read_text())
+    assert summary["global_step"] == 12 and summary["steps_this_run"] == 4
+
+
+def test_export_and_sample_from_the_readme(smoke_run, tmp_path):
+    ckpt = smoke_run / "checkpoints" / "last.ckpt"
+    main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "pipeline")])
+    assert (tmp_path / "pipeline" / "model_index.json").is_file()
+    UNet2DModel.from_pretrained(tmp_path / "pipeline" / "unet")
+    main(
+        [
+            "sample",
+            "--pipeline",
+            str(tmp_path / "pipeline"),
+            "--out",
+            str(tmp_path / "samples"),
+            "--n-per-class",
+            "2",
+            "--steps",
+            "3",
+            "--classes",
+            "1",
+            "7",
+        ]
+    )
+    assert (tmp_path / "samples" / "samples.png").is_file()
+    assert sorted(p.name for p in (tmp_path / "samples" / "class=7").iterdir()) == ["sample=000.png", "sample=001.png"]
+    meta = json.loads((tmp_path / "samples" / "samples.json").read_text())
+    assert meta["classes"] == [1, 7] and meta["num_inference_steps"] == 3 and meta["scheduler"] == "dpm"
+    main(
+        [
+            "sample",
+            "--ckpt",
+            str(ckpt),
+            "--out",
+            str(tmp_path / "from_ckpt"),
+            "--n-per-class",
+            "1",
+            "--steps",
+            "2",
+            "--scheduler",
+            "ddim",
+            "--no-images",
+        ]
+    )
+    meta = json.loads((tmp_path / "from_ckpt" / "samples.json").read_text())
+    assert meta["scheduler"] == "ddim" and not (tmp_path / "from_ckpt" / "class=0").exists()
+
+
+def test_predict_generates_images_per_class(smoke_run):
+    cli = DiffusionCLI(
+        args=[
+            "--config",
+            str(REPO / "configs/smoke/ddpm_mnist.yaml"),
+            "--data.init_args.predict_samples_per_class",
+            "1",
+        ],
+        run=False,
+    )
+    ckpt = torch.load(smoke_run / "checkpoints" / "last.ckpt", weights_only=False)
+    cli.model.load_state_dict(ckpt["state_dict"])
+    cli.trainer.enable_progress_bar = False
+    batches = cli.trainer.predict(cli.model, datamodule=cli.datamodule)
+    images = torch.cat([b["images"] for b in batches])
+    assert images.shape == (10, 1, 28, 28)
+
+
+def test_console_script_and_module_entry_points(tmp_path):
+    for cmd in (["diffusion-lightning"], [sys.executable, "-m", "diffusion_lightning"]):
+        exe = cmd if cmd[0] != "diffusion-lightning" else [str(Path(sys.executable).parent / "diffusion-lightning")]
+        out = subprocess.run([*exe, "export", "--help"], capture_output=True, text=True, check=True)
+        assert "--ckpt" in out.stdout and "--scheduler" in out.stdout
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["export", "--ckpt", "missing.ckpt", "--out", "x"], "missing.ckpt"),
+        (["sample", "--out", "x"], "exactly one of --ckpt"),
+    ],
+)
+def test_command_errors_are_clear(argv, match, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises((FileNotFoundError, SystemExit), match=match):
+        main(argv)
+
+
+def test_loaded_pipeline_generates_every_class(smoke_run, tmp_path):
+    main(["export", "--ckpt", str(smoke_run / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "p")])
+    pipe = ClassConditionedPipeline.from_pretrained(tmp_path / "p")
+    pipe.set_progress_bar_config(disable=True)
+    out = pipe(list(range(10)), num_inference_steps=3, output_type="pt")
+    assert out.images.shape == (10, 1, 28, 28)

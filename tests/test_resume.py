@@ -1,0 +1,102 @@
+"""Killing ``fit`` and resuming from the last checkpoint gives the uninterrupted run's weights."""
+
+import pytest
+import torch
+from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch.callbacks import ModelCheckpoint
+
+from diffusion_lightning import MNISTDataModule, WarmupCosineLR
+from tests.conftest import quiet_trainer, tiny_config, tiny_ddpm
+
+
+class Crash(RuntimeError):
+    pass
+
+
+class CrashAt(Callback):
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"simulated crash at step {self.step}")
+
+
+def make_run(tmp_path, callbacks=()):
+    seed_everything(0)
+    # dropout draws from the global RNG, so the restored RNG state matters as well
+    model = tiny_ddpm(
+        net=tiny_config(dropout=0.1),
+        image_size=28,
+        num_classes=10,
+        prediction_type="v_prediction",
+        snr_gamma=5.0,
+        p_uncond=0.2,
+        learning_rate=3e-3,
+        lr_scheduler=lambda opt: WarmupCosineLR(opt, warmup_steps=3),
+    )
+    data = MNISTDataModule(batch_size=8, eval_batch_size=64)
+    checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, every_n_train_steps=1, save_top_k=0)
+    trainer = quiet_trainer(
+        tmp_path,
+        max_steps=12,
+        limit_train_batches=5,
+        limit_val_batches=1,
+        enable_checkpointing=True,
+        callbacks=[checkpoint, *callbacks],
+    )
+    return model, data, trainer
+
+
+def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
+    model_a, data_a, trainer_a = make_run(tmp_path / "a")
+    trainer_a.fit(model_a, data_a)
+
+    model_b, data_b, trainer_b = make_run(tmp_path / "b", callbacks=[CrashAt(7)])  # mid-epoch 2 of 3
+    with pytest.raises(Crash):
+        trainer_b.fit(model_b, data_b)
+    last = tmp_path / "b" / "ckpt" / "last.ckpt"
+    saved = torch.load(last, weights_only=False)
+    assert 0 < saved["global_step"] < 12 and saved["global_step"] % 5 != 0
+
+    model_c, data_c, trainer_c = make_run(tmp_path / "b")
+    trainer_c.fit(model_c, data_c, ckpt_path="last")
+    assert trainer_c.global_step == trainer_a.global_step == 12
+
+    state_a, state_c = model_a.state_dict(), model_c.state_dict()
+    assert state_a.keys() == state_c.keys()
+    for name in state_a:
+        torch.testing.assert_close(state_c[name], state_a[name], rtol=0, atol=0, msg=name)
+    opt_a, opt_c = trainer_a.optimizers[0].state_dict(), trainer_c.optimizers[0].state_dict()
+    for key, value in opt_a["state"].items():
+        torch.testing.assert_close(opt_c["state"][key]["exp_avg"], value["exp_avg"], rtol=0, atol=0)
+    sched_a = trainer_a.lr_scheduler_configs[0].scheduler
+    sched_c = trainer_c.lr_scheduler_configs[0].scheduler
+    assert sched_a.last_epoch == sched_c.last_epoch and sched_a.get_last_lr() == sched_c.get_last_lr()
+
+
+def test_checkpoint_records_rng_states_and_module_class(tmp_path):
+    model, data, trainer = make_run(tmp_path)
+    trainer.fit(model, data)
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    assert {"torch", "numpy", "python"} <= set(saved["rng_states"])
+    assert saved["diffusion_lightning"]["module_class"] == "diffusion_lightning.modules.ddpm.ClassConditionedDDPM"
+    assert saved["MNISTDataModule"]["epoch"] == 2
+
+
+def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    model, data, trainer = make_run(tmp_path)
+    trainer.fit(model, data)
+    last = tmp_path / "ckpt" / "last.ckpt"
+    before = last.read_bytes()
+
+    import lightning.fabric.utilities.cloud_io as cloud_io
+
+    def broken_save(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(cloud_io.torch, "save", broken_save)
+    with pytest.raises(OSError, match="disk full"):
+        trainer.save_checkpoint(last)
+    assert last.read_bytes() == before
