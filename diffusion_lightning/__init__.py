@@ -1,7 +1,7 @@
 """diffusion_lightning: Lightning modules, data modules and callbacks for diffusion models."""
 
 from diffusion_lightning.data import CIFAR10DataModule, MNISTDataModule
-from diffusion_lightning.modules import ClassConditionedDDPM, DiffusionModule, DiffusionStepOutput
+from diffusion_lightning.modules import ClassConditionedDDPM, DiffusionModule, DiffusionStepOutput, DigitClassifier
 from diffusion_lightning.nets import ClassConditionedUnet, UNetConfig, build_unet
 from diffusion_lightning.optim import WarmupCosineLR
 from diffusion_lightning.pipelines import (
@@ -23,6 +23,7 @@ __all__ = [
     "ClassGridOutput",
     "DiffusionModule",
     "DiffusionStepOutput",
+    "DigitClassifier",
     "MNISTDataModule",
     "UNetConfig",
     "WarmupCosineLR",

@@ -13,12 +13,10 @@ import sys
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from lightning.pytorch import LightningDataModule
+from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
-
-from diffusion_lightning.modules.base import DiffusionModule
 
 #: Data-module attributes copied into the model's arguments so a config names them once.
 DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channels", "class_names")
@@ -36,8 +34,8 @@ def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
 class DiffusionCLI(LightningCLI):
     """LightningCLI with the project's defaults.
 
-    - any :class:`DiffusionModule` as ``model`` and any ``LightningDataModule`` as ``data``
-      (``class_path``/``init_args``);
+    - any ``LightningModule`` (the diffusion modules, the digit classifier) as ``model`` and any
+      ``LightningDataModule`` as ``data`` (``class_path``/``init_args``);
     - the data module's ``num_classes``, ``image_size``, ``in_channels`` and ``class_names`` are
       linked to the model's arguments of the same name;
     - a ``checkpoint`` group configures one ``ModelCheckpoint`` that keeps the best (lowest
@@ -47,7 +45,7 @@ class DiffusionCLI(LightningCLI):
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        kwargs.setdefault("model_class", DiffusionModule)
+        kwargs.setdefault("model_class", LightningModule)
         kwargs.setdefault("datamodule_class", LightningDataModule)
         kwargs.setdefault("subclass_mode_model", True)
         kwargs.setdefault("subclass_mode_data", True)

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
+from typing import Any
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -61,3 +63,19 @@ class WarmupCosineLR(LRScheduler):
     def get_lr(self) -> list[float]:
         scale = self.factor(max(0, self.last_epoch))
         return [base * scale for base in self.base_lrs]
+
+
+def optimizer_config(optimizer: Optimizer, lr_scheduler: Callable[[Optimizer], Any] | None, trainer: Any) -> Any:
+    """What ``configure_optimizers`` returns: the optimizer and its per-step LR scheduler.
+
+    A :class:`WarmupCosineLR` built without ``total_steps`` is sized from
+    ``trainer.estimated_stepping_batches`` (``max_steps``, or epochs times batches).
+    """
+    if lr_scheduler is None:
+        return optimizer
+    scheduler = lr_scheduler(optimizer)
+    if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
+        total = trainer.estimated_stepping_batches
+        if total is not None and total != float("inf"):
+            scheduler.set_total_steps(max(int(total), scheduler.warmup_steps, 1))
+    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}

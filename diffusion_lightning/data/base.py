@@ -182,9 +182,7 @@ class LabelledImageDataModule(LightningDataModule):
         """
         raise NotImplementedError
 
-    def split(
-        self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    def split(self, data: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Hold out ``val_fraction`` of the training set for validation, class-balanced."""
         images, labels = data["train"]
         n_val = round(self.val_fraction * labels.shape[0])

@@ -1,6 +1,7 @@
 """LightningModules."""
 
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
+from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
 
-__all__ = ["ClassConditionedDDPM", "DiffusionModule", "DiffusionStepOutput"]
+__all__ = ["ClassConditionedDDPM", "DigitClassifier", "DiffusionModule", "DiffusionStepOutput"]

@@ -28,7 +28,7 @@ from diffusion_lightning.losses import (
     snr,
     training_target,
 )
-from diffusion_lightning.optim import WarmupCosineLR
+from diffusion_lightning.optim import WarmupCosineLR, optimizer_config
 from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.seeding import collect_rng_states, mix_seed, restore_rng_states
@@ -250,14 +250,7 @@ class DiffusionModule(LightningModule, ABC):
     @override
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.parameter_groups())
-        if self.lr_scheduler_factory is None:
-            return optimizer
-        scheduler = self.lr_scheduler_factory(optimizer)
-        if isinstance(scheduler, WarmupCosineLR) and scheduler.total_steps is None:
-            total = self.trainer.estimated_stepping_batches
-            if total is not None and total != float("inf"):
-                scheduler.set_total_steps(max(int(total), scheduler.warmup_steps, 1))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+        return optimizer_config(optimizer, self.lr_scheduler_factory, self.trainer)
 
     @override
     def on_fit_start(self) -> None:

@@ -1,0 +1,44 @@
+"""Helpers shared by the benchmark scripts."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import Callable
+
+import torch
+
+from diffusion_lightning import UNetConfig
+
+#: The demo's network (configs/ddpm_mnist.yaml).
+DEMO_NET = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1, resnet_time_scale_shift="scale_shift")
+
+
+def interleave(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:
+    """Call each run once per round, alternating their order, and collect what they return."""
+    results: dict[str, list[float]] = {name: [] for name in runs}
+    names = list(runs)
+    for r in range(rounds):
+        for name in names if r % 2 == 0 else reversed(names):
+            results[name].append(runs[name]())
+            print(f"round {r + 1}/{rounds} {name}: {results[name][-1]:.3f}", flush=True)
+    return results
+
+
+def ratio_of_medians(results: dict[str, list[float]], numerator: str, denominator: str) -> float:
+    return statistics.median(results[numerator]) / statistics.median(results[denominator])
+
+
+class Stopwatch:
+    """Wall time of a block, with CUDA synchronisation when a GPU is used."""
+
+    def __enter__(self) -> Stopwatch:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        self.seconds = time.perf_counter() - self.start
