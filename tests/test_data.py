@@ -55,6 +55,7 @@ def test_embedded_mnist_is_real_offline_and_split_with_a_seed():
     # every class is present in every split, 500 per class overall
     labels = torch.cat([dm.datasets[k].labels for k in ("train", "val", "test")])
     assert torch.bincount(labels).tolist() == [500] * 10
+    assert torch.bincount(dm.datasets["val"].labels).tolist() == [50] * 10  # class-balanced split
     again = MNISTDataModule(seed=3)
     again.setup()
     assert torch.equal(again.datasets["val"].labels, dm.datasets["val"].labels)

