@@ -1,5 +1,13 @@
 """diffusion_lightning: Lightning modules, data modules and callbacks for diffusion models."""
 
+from diffusion_lightning.callbacks import (
+    EMA,
+    AttentionHeatmapLogger,
+    DiffusionMetricsLogger,
+    GradientActivationWatcher,
+    RunSummary,
+    SampleGridLogger,
+)
 from diffusion_lightning.data import CIFAR10DataModule, MNISTDataModule
 from diffusion_lightning.modules import ClassConditionedDDPM, DiffusionModule, DiffusionStepOutput, DigitClassifier
 from diffusion_lightning.nets import ClassConditionedUnet, UNetConfig, build_unet
@@ -15,6 +23,12 @@ from diffusion_lightning.utils.checkpoint import load_module
 __version__ = "0.1.0"
 
 __all__ = [
+    "EMA",
+    "AttentionHeatmapLogger",
+    "DiffusionMetricsLogger",
+    "GradientActivationWatcher",
+    "RunSummary",
+    "SampleGridLogger",
     "CIFAR10DataModule",
     "ClassConditionedDDPM",
     "ClassConditionedPipeline",

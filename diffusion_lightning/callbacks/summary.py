@@ -1,4 +1,4 @@
-"""Write a JSON summary of a run (steps, wall time, final metrics) when fitting ends."""
+"""Describe a run when training starts; write a JSON summary (steps, wall time, metrics) when fitting ends."""
 
 from __future__ import annotations
 
@@ -13,6 +13,8 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
+from diffusion_lightning.callbacks.metrics import DiffusionMetricsLogger
+from diffusion_lightning.callbacks.run_info import describe_run, log_run_description
 from diffusion_lightning.utils.io import write_json
 
 
@@ -22,14 +24,27 @@ class RunSummary(Callback):
     The file holds ``status`` (``finished``, ``interrupted`` or ``failed``), ``global_step``,
     ``epochs``, ``wall_time_s``, ``steps_per_s``, every scalar in ``trainer.callback_metrics``
     under ``metrics`` (final train and validation losses among them) and the best and last
-    checkpoint paths. Written atomically, by rank 0 only.
+    checkpoint paths, the run's description (``components``: class and total/trainable parameters
+    of each child network; ``noise_scheduler``: its diffusers config; ``cli_config``: the path of
+    the ``config.yaml`` LightningCLI saved) and, when a
+    :class:`~diffusion_lightning.callbacks.DiffusionMetricsLogger` is attached, its per-epoch
+    history under ``diffusion``. Written atomically, by rank 0 only, beside the ``checkpoints``
+    folder of the CLI.
+
+    With ``log_description`` the description also goes to the loggers when training starts (see
+    :func:`~diffusion_lightning.callbacks.run_info.log_run_description`): parameter counts as
+    scalars ``config/net/<component>/params_total|params_trainable`` and hyperparameters, the
+    scheduler config as hyperparameters ``noise_scheduler/<key>``, and texts ``config/components``,
+    ``config/noise_scheduler`` and ``config/cli``.
 
     Args:
         path: Where to write; default ``<trainer.default_root_dir>/metrics.json``.
+        log_description: Log the run's description to the loggers when training starts.
     """
 
-    def __init__(self, path: str | None = None) -> None:
+    def __init__(self, path: str | None = None, log_description: bool = True) -> None:
         self.path = path
+        self.log_description = log_description
         self._start: float | None = None
         self._start_step = 0
 
@@ -43,6 +58,8 @@ class RunSummary(Callback):
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start_step = trainer.global_step
+        if self.log_description:
+            log_run_description(trainer, pl_module)
 
     def summary(self, trainer: pl.Trainer, status: str) -> dict[str, Any]:
         """The summary as a dictionary (what is written)."""
@@ -54,7 +71,7 @@ class RunSummary(Callback):
             if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
         }
         checkpoint = trainer.checkpoint_callback
-        return {
+        summary = {
             "status": status,
             "global_step": trainer.global_step,
             "steps_this_run": steps,
@@ -70,7 +87,12 @@ class RunSummary(Callback):
             ),
             "last_model_path": getattr(checkpoint, "last_model_path", None) or None,
             "pid": os.getpid(),
+            **describe_run(trainer, trainer.lightning_module),
         }
+        diffusion = next((cb for cb in trainer.callbacks if isinstance(cb, DiffusionMetricsLogger)), None)
+        if diffusion is not None:
+            summary["diffusion"] = diffusion.summary()
+        return summary
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, status: str) -> None:

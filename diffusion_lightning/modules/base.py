@@ -215,13 +215,17 @@ class DiffusionModule(LightningModule, ABC):
         self.log("train/loss", out.loss, prog_bar=True, batch_size=sample.shape[0])
         return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
 
-    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> DiffusionStepOutput:
-        # Fixed noise and stratified timesteps per batch index: the same value every epoch and run.
+    def evaluation_output(self, batch: Any, batch_idx: int) -> DiffusionStepOutput:
+        """The loss on fixed noise and stratified timesteps per batch index: the same every epoch and run."""
         sample, condition = self.unpack_batch(batch)
         generator = self.generator(0x5EED, batch_idx, self.global_rank)
         timesteps = self.sample_timesteps(sample.shape[0], generator, stratified=True)
-        out = self.diffusion_step(sample, condition, generator, timesteps=timesteps)
-        self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=sample.shape[0])
+        return self.diffusion_step(sample, condition, generator, timesteps=timesteps)
+
+    def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> DiffusionStepOutput:
+        out = self.evaluation_output(batch, batch_idx)
+        size = out.timesteps.shape[0]
+        self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=size)
         return out
 
     @override

@@ -45,6 +45,10 @@ def load_module(
 ) -> DiffusionModule:
     """Rebuild the module saved in ``path`` with its weights, in eval mode.
 
+    A run with the :class:`~diffusion_lightning.callbacks.ema.EMA` callback (or any Lightning weight
+    averaging) stores the averaged weights under ``state_dict``, which ``load_from_checkpoint`` reads,
+    and the trained ones under ``current_model_state``.
+
     Args:
         path: A ``.ckpt`` file written by ``fit``.
         weights: ``ema`` - the averaged weights when the run used EMA (else the trained ones);
