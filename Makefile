@@ -40,6 +40,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/watcher_overhead.py
+	$(BIN)/python benchmarks/demo_quality.py
 
 clean:
 	rm -rf outputs .pytest_cache .ruff_cache .mypy_cache

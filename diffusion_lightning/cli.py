@@ -18,6 +18,8 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 from typing_extensions import override
 
+from diffusion_lightning.loggers.runs import RunLineage, RunPlan, plan_run
+
 #: Data-module attributes copied into the model's arguments so a config names them once.
 DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channels", "class_names")
 
@@ -41,7 +43,11 @@ class DiffusionCLI(LightningCLI):
     - a ``checkpoint`` group configures one ``ModelCheckpoint`` that keeps the best (lowest
       ``val/loss``) and the last checkpoint in ``<default_root_dir>/checkpoints``, so
       ``--ckpt_path last`` finds the last one of an earlier run;
-    - TensorBoard is the default logger (Lightning's default when tensorboard is installed).
+    - TensorBoard is the default logger (Lightning's default when tensorboard is installed);
+    - ``fit --ckpt_path last|PATH`` resumes a run in the logger version that wrote the checkpoint,
+      and ``fit --fork_from PATH`` forks a new version from a checkpoint (see
+      :mod:`diffusion_lightning.loggers.runs`); a :class:`RunLineage` callback records logger
+      versions and parents in every checkpoint.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -53,6 +59,7 @@ class DiffusionCLI(LightningCLI):
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "Train and evaluate diffusion models.")
         parser_kwargs.setdefault("epilog", _epilog())
+        self.run_plan: RunPlan | None = None
         super().__init__(*args, **kwargs)
 
     @override
@@ -70,15 +77,52 @@ class DiffusionCLI(LightningCLI):
         )
         for name in DATA_TO_MODEL_LINKS:
             parser.link_arguments(f"data.{name}", f"model.init_args.{name}", apply_on="instantiate")
+        parser.add_argument(
+            "--fork_from",
+            type=str | None,
+            default=None,
+            help="fit only: start a new logger version from this checkpoint's weights and step, with the "
+            "hyperparameters of this command line (see diffusion_lightning.loggers.runs).",
+        )
 
     @override
     def before_instantiate_classes(self) -> None:
-        config = self.config.get(self.config.get("subcommand")) if "subcommand" in self.config else self.config
+        subcommand = self.config.get("subcommand")
+        config = self.config.get(subcommand) if subcommand else self.config
         if config is None or "checkpoint" not in config:
             return
+        root = config.trainer.default_root_dir or os.getcwd()
+        if subcommand == "fit":
+            config = self._plan_fit(config, root)
+        elif config.get("fork_from") is not None:
+            raise ValueError(f"fork_from={config.fork_from!r} applies to fit only, not to {subcommand}.")
         if config.checkpoint.dirpath is None:
-            root = config.trainer.default_root_dir or os.getcwd()
             config.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        # Like the callbacks of trainer_defaults, always present: every checkpoint records its lineage.
+        callbacks = self.trainer_defaults.get("callbacks") or []
+        callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*callbacks, RunLineage(self._fork_from())]}
+
+    def _plan_fit(self, config: Any, root: str) -> Any:
+        """Resume or fork: pin the logger versions and the checkpoint folder (see ``loggers.runs``)."""
+        self.run_plan = plan = plan_run(config, root)
+        if "trainer" in plan.overrides:  # re-parsed, so the saved config.yaml names the logger and its version
+            self.config = self.parser.parse_object({"fit": {"trainer": plan.overrides["trainer"]}}, self.config)
+            config = self.config.fit
+        if "checkpoint" in plan.overrides:
+            config.checkpoint.dirpath = plan.overrides["checkpoint"]["dirpath"]
+        return config
+
+    def _fork_from(self) -> str | None:
+        plan = self.run_plan
+        return str(plan.checkpoint) if plan is not None and plan.mode == "fork" else None
+
+    def fit(self, model: LightningModule, **kwargs: Any) -> None:
+        """``trainer.fit``; a fork restores its checkpoint as ``ckpt_path`` (LightningCLI calls this)."""
+        fork_from = self._fork_from()
+        if fork_from is not None:
+            kwargs["ckpt_path"] = fork_from
+        self.trainer.fit(model, **kwargs)
 
 
 def _epilog() -> str:

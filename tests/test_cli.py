@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import yaml
 from diffusers import UNet2DModel
 
 from diffusion_lightning import ClassConditionedPipeline
@@ -14,6 +15,16 @@ from diffusion_lightning.cli import DiffusionCLI, main
 from tests.conftest import REPO
 
 CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+#: Second configs that add to a model config (``--config model.yaml --config overlay.yaml``), with the base to test on.
+OVERLAY_BASES = {"callbacks/default.yaml": "ddpm_mnist.yaml", "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml"}
+
+
+def config_args(config: Path) -> list[str]:
+    name = config.relative_to(REPO / "configs").as_posix()
+    if "class_path" in (yaml.safe_load(config.read_text()).get("model") or {}):
+        return ["--config", str(config)]
+    assert name in OVERLAY_BASES, f"{name} has no model: add it to OVERLAY_BASES with the config it extends"
+    return ["--config", str(REPO / "configs" / OVERLAY_BASES[name]), "--config", str(config)]
 
 
 def test_there_are_configs():
@@ -23,12 +34,15 @@ def test_there_are_configs():
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
 def test_every_config_parses_against_the_code(config):
-    cli = DiffusionCLI(args=["--config", str(config)], run=False)
+    cli = DiffusionCLI(args=config_args(config), run=False)
     assert cli.model is not None and cli.datamodule is not None
     # data properties reach the model through the links
     assert cli.model.num_classes == cli.datamodule.num_classes
     if hasattr(cli.model, "unet"):
         assert cli.model.unet.config.sample_size == cli.datamodule.image_size
+    if config.parent.name == "callbacks" or config.name == "callbacks.yaml":
+        names = {type(c).__name__ for c in cli.trainer.callbacks}
+        assert {"EMA", "GradientActivationWatcher", "DiffusionMetricsLogger", "SampleGridLogger"} <= names
 
 
 def test_help_lists_the_extra_commands(capsys):

@@ -82,7 +82,8 @@ def log_histogram(trainer: Trainer | None, key: str, values: torch.Tensor, step:
         elif isinstance(logger, WandbLogger):
             import wandb
 
-            logger.experiment.log({key: wandb.Histogram(flat.numpy()), "trainer/global_step": step})
+            histogram = wandb.Histogram(np_histogram=np.histogram(flat.numpy(), bins=64))
+            logger.experiment.log({key: histogram, "trainer/global_step": step})
         elif hasattr(logger, "log_histogram"):
             logger.log_histogram(key, flat, step=step)
         else:

@@ -6,7 +6,7 @@ still works in three useful ways, all of which this logger supports:
 - ``mode="offline"``: every operation is appended as one JSON line to
   ``<save_dir>/offline/run__<uuid>__<pid>__<key>/data-1.log`` (with a ``metadata.json`` beside
   it), which ``neptune sync`` can upload to a server later;
-- ``mode="debug"``: nothing is written; values stay in memory and can be read back with
+- ``mode="debug"``: no data is written; values stay in memory and can be read back with
   ``logger.experiment[path].fetch()`` / ``fetch_values()``, handy in tests and notebooks;
 - ``mode="async"`` / ``"sync"``: logging to a self-hosted Neptune server (``project``,
   ``api_token``, or ``NEPTUNE_PROJECT`` / ``NEPTUNE_API_TOKEN``).
@@ -35,7 +35,7 @@ import uuid
 from argparse import Namespace
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any
+from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
@@ -52,7 +52,8 @@ __all__ = ["NeptuneLogger"]
 _NEPTUNE_AVAILABLE = RequirementCache("neptune>=1.10")
 
 #: Client modes that can log (``read-only`` cannot).
-MODES: tuple[str, ...] = ("offline", "debug", "async", "sync")
+Mode = Literal["offline", "debug", "async", "sync"]
+MODES: tuple[str, ...] = get_args(Mode)
 #: Where hyperparameters go in a run.
 HPARAMS_NAMESPACE = "config"
 #: The client reads its data directory from this variable when a run starts.
@@ -123,7 +124,7 @@ class NeptuneLogger(Logger):
         self,
         project: str | None = None,
         api_token: str | None = None,
-        mode: str | None = None,
+        mode: Mode | None = None,
         name: str | None = None,
         version: str | None = None,
         tags: list[str] | None = None,
@@ -139,16 +140,16 @@ class NeptuneLogger(Logger):
                 "NeptuneLogger needs the `neptune` client (>=1.10): pip install 'diffusion-lightning[neptune]'"
             )
         super().__init__()
-        mode = mode if mode is not None else os.environ.get("NEPTUNE_MODE", "offline")
-        if mode not in MODES:
-            raise ValueError(f"mode={mode!r} (or NEPTUNE_MODE) is not supported; expected one of {MODES}.")
+        resolved = mode if mode is not None else os.environ.get("NEPTUNE_MODE", "offline")
+        if resolved not in MODES:
+            raise ValueError(f"mode={resolved!r} (or NEPTUNE_MODE) is not supported; expected one of {MODES}.")
         if version is not None and not 0 < len(version) <= _MAX_VERSION_LENGTH:
             raise ValueError(f"version={version!r} must have 1 to {_MAX_VERSION_LENGTH} characters.")
         if not 1 <= histogram_bins <= _MAX_HISTOGRAM_BINS:
             raise ValueError(f"histogram_bins={histogram_bins!r} must be in [1, {_MAX_HISTOGRAM_BINS}].")
         self._project = project
         self._api_token = api_token
-        self._mode = mode
+        self._mode = cast(Mode, resolved)
         self._name = name
         self._version = version if version is not None else uuid.uuid4().hex[:12]
         self._tags = list(tags) if tags else None

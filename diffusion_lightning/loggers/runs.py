@@ -10,26 +10,35 @@ newest ``last*.ckpt`` in the checkpoint folder (``<default_root_dir>/checkpoints
 run keeps writing checkpoints into the folder of the checkpoint it resumed.
 
 *Fork* (``--fork_from PATH``) starts a new run from a checkpoint, usually with some changed
-hyperparameters on the command line. It logs to a new version (the next free ``version_N``), and
-writes its checkpoints to ``<default_root_dir>/checkpoints/version_N`` so the parent's are never
-overwritten. The model is built from the fork's own configuration (not from the hyperparameters
-saved in the checkpoint) and gets the parent's weights; the global step, epoch, callback states
-(but for ``ModelCheckpoint``'s: a fork tracks its own best checkpoints) and RNG streams continue
-from the checkpoint, so curves start at the parent's step. The optimizer
-and LR scheduler are rebuilt from the fork's configuration: every parameter group takes the fork's
-learning rate, weight decay, betas..., while the parent's moment estimates (Adam's running
-averages and step counts) are kept when the optimizer class and parameter groups are unchanged, and
-the fork's LR schedule is advanced to the step the parent's had reached. So a fork that changes the
-learning rate trains with the new one from its first step, and a fork that changes nothing trains
-exactly like a resume. The fork records its parent as hyperparameters ``run/parent_checkpoint``,
-``run/parent_version`` and ``run/parent_step``, and in every checkpoint it writes (a resumed fork
-logs them again). To continue a fork, resume it from one of its own checkpoints:
-``--ckpt_path <root>/checkpoints/version_N/last.ckpt``, or ``--config <its config.yaml> --ckpt_path
-last``; a resume ignores ``--fork_from``.
+hyperparameters on the command line. It logs to a new version (the next free ``version_N`` of
+TensorBoard and CSV loggers; other loggers draw a new run id) and writes its checkpoints to
+``<default_root_dir>/checkpoints/version_N`` (``checkpoints/fork-<time>`` when the version is not
+known in advance), so the parent's are never overwritten. The model is built from the fork's own
+configuration (not from the hyperparameters saved in the checkpoint) and gets the parent's
+weights; the global step, epoch, RNG streams and callback states continue from the checkpoint
+(except ``ModelCheckpoint``'s: a fork tracks its own best checkpoints), so curves start at the
+parent's step. The optimizer and LR scheduler are rebuilt from the fork's configuration: every
+parameter group takes the fork's learning rate, weight decay, betas..., while the parent's moment
+estimates (Adam's running averages and step counts) are kept when the optimizer class and
+parameter groups are unchanged, and the fork's LR schedule is advanced to the step the parent's
+had reached. So a fork that changes the learning rate trains with the new one from its first step,
+and a fork with its parent's configuration trains exactly like a resume. (A schedule sized from
+the Trainer, like ``WarmupCosineLR`` without ``total_steps``, takes the fork's length: a fork that
+raises ``max_epochs`` stretches its cosine, a resume keeps the parent's.) Rebuilding the optimizer
+goes through ``Strategy.setup_optimizers``: single-device and DDP runs; strategies that shard the
+optimizer state (FSDP, DeepSpeed) are not supported.
+
+The fork records its parent as hyperparameters ``run/parent_checkpoint``, ``run/parent_version``
+and ``run/parent_step``, and in every checkpoint it writes (a resumed fork logs them again). To
+continue a fork, resume it from one of its own checkpoints: ``--ckpt_path
+<root>/checkpoints/version_N/last.ckpt``, or ``--config <its config.yaml> --ckpt_path last`` (the
+saved config pins its version and checkpoint folder); a resume ignores ``--fork_from``.
 
 :class:`RunLineage` (added to every ``fit`` by the command line) stores the logger versions and the
 parent in checkpoints under ``checkpoint["callbacks"]["RunLineage"]``; :func:`plan_run` reads them
 before the Trainer exists and says which logger versions and checkpoint folder the run needs.
+With several processes every rank plans, but rank 0's plan is the one that counts: only rank 0
+logs and writes checkpoints, and ``ModelCheckpoint`` broadcasts its folder.
 """
 
 from __future__ import annotations
@@ -48,6 +57,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger, Logger, TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
 __all__ = ["RunLineage", "RunPlan", "find_last_checkpoint", "plan_run", "read_lineage"]
@@ -142,16 +152,18 @@ class RunLineage(Callback):
         if not self._forking:
             self.parent = state.get("parent")
             return
-        if trainer.ckpt_path is None or not _same_file(trainer.ckpt_path, self.fork_from):
+        fork_from = self.fork_from
+        assert fork_from is not None
+        if trainer.ckpt_path is None or not _same_file(trainer.ckpt_path, fork_from):
             raise ValueError(
-                f"fork_from={self.fork_from!r} differs from the checkpoint fit restores ({trainer.ckpt_path!r}); "
+                f"fork_from={fork_from!r} differs from the checkpoint fit restores ({trainer.ckpt_path!r}); "
                 "pass the same file as ckpt_path."
             )
         # A fork tracks its own best checkpoints, in its own folder: forget the parent's.
         for callback in trainer.checkpoint_callbacks:
             checkpoint.get("callbacks", {}).pop(callback.state_key, None)
         self.parent = {
-            "checkpoint": os.path.abspath(self.fork_from),
+            "checkpoint": os.path.abspath(fork_from),
             "global_step": int(checkpoint.get("global_step", 0)),
             "loggers": list(state.get("loggers", [])),
             "parent": state.get("parent"),
@@ -205,25 +217,25 @@ def _rebuild_optimizers(trainer: pl.Trainer) -> None:
     restored_optimizers = list(trainer.optimizers)
     restored_schedulers = [config.scheduler for config in trainer.lr_scheduler_configs]
     trainer.strategy.setup_optimizers(trainer)
-    for fresh, old in zip(trainer.optimizers, restored_optimizers):
-        if type(fresh) is not type(old) or len(fresh.param_groups) != len(old.param_groups):
+    for fresh, parent in zip(trainer.optimizers, restored_optimizers):
+        if type(fresh) is not type(parent) or len(fresh.param_groups) != len(parent.param_groups):
             rank_zero_warn(
                 f"The fork's optimizer ({type(fresh).__name__}, {len(fresh.param_groups)} groups) differs from the "
-                f"parent's ({type(old).__name__}, {len(old.param_groups)} groups); it starts without moments."
+                f"parent's ({type(parent).__name__}, {len(parent.param_groups)} groups); it starts without moments."
             )
             continue
         hyperparameters = [{k: v for k, v in group.items() if k != "params"} for group in fresh.param_groups]
-        fresh.load_state_dict(old.state_dict())
+        fresh.load_state_dict(parent.state_dict())
         for group, values in zip(fresh.param_groups, hyperparameters):
             group.update(values)
-    for config, old in zip(trainer.lr_scheduler_configs, restored_schedulers):
+    for config, parent_scheduler in zip(trainer.lr_scheduler_configs, restored_schedulers):
         scheduler = config.scheduler
-        if config.reduce_on_plateau or not hasattr(scheduler, "last_epoch"):
-            scheduler.load_state_dict(old.state_dict())  # driven by metrics: keep its counters
+        if config.reduce_on_plateau or isinstance(scheduler, ReduceLROnPlateau):
+            scheduler.load_state_dict(parent_scheduler.state_dict())  # driven by metrics: keep its counters
             continue
         with warnings.catch_warnings():
             warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)`")
-            while scheduler.last_epoch < getattr(old, "last_epoch", 0):
+            while scheduler.last_epoch < getattr(parent_scheduler, "last_epoch", 0):
                 scheduler.step()
 
 
@@ -323,11 +335,12 @@ def plan_run(config: Any, root: str) -> RunPlan:
             plan.overrides["checkpoint"] = {"dirpath": str(folder)}
         if path is None or not path.is_file():
             return plan  # "last" before any checkpoint exists, or "best"/"hpc"/...: Lightning decides
-        plan.checkpoint, plan.lineage = path, read_lineage(path)
+        lineage = read_lineage(path)
+        plan.checkpoint, plan.lineage = path, lineage
         entries = _logger_entries(logger_value, root)
-        if not plan.lineage["loggers"]:
+        if not lineage["loggers"]:
             rank_zero_warn(f"{str(path)!r} does not record its logger version; the logger starts a new version.")
-        elif entries and _resume_versions(entries, plan.lineage["loggers"]):
+        elif entries and _resume_versions(entries, lineage["loggers"]):
             plan.overrides["trainer"] = {"logger": entries if isinstance(logger_value, list) else entries[0]}
         return plan
 
@@ -337,14 +350,15 @@ def plan_run(config: Any, root: str) -> RunPlan:
     path = Path(fork_from)
     if not path.is_file():
         raise FileNotFoundError(f"fork_from={fork_from!r} does not exist.")
-    plan = RunPlan("fork", checkpoint=path, lineage=read_lineage(path))
+    lineage = read_lineage(path)
+    plan = RunPlan("fork", checkpoint=path, lineage=lineage)
     entries = _logger_entries(logger_value, root)
     if entries == [] and dirpath is None:
         raise ValueError(
             "fork_from needs a logger to name the new version (trainer.logger=False); "
             "enable one or give --checkpoint.dirpath for the fork's checkpoints."
         )
-    name = _fork_versions(entries, plan.lineage["loggers"]) if entries else None
+    name = _fork_versions(entries, lineage["loggers"]) if entries else None
     if entries:
         plan.overrides["trainer"] = {"logger": entries if isinstance(logger_value, list) else entries[0]}
     if dirpath is None:
