@@ -1,6 +1,6 @@
 """Throughput of ``ClassConditionedPipeline`` against a hand-written diffusers sampling loop.
 
-    python benchmarks/sampling.py [--per-class 8] [--steps 25] [--rounds 5] [--scheduler dpm]
+    python benchmarks/sampling.py [--per-class 8] [--steps 25] [--rounds 9] [--scheduler dpm]
 
 Both generate the same labelled batch (every class ``--per-class`` times) with the same UNet (the
 demo's network), scheduler and classifier-free guidance (one batched forward of 2B per step).
@@ -41,7 +41,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--per-class", type=int, default=8)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--rounds", type=int, default=9)
     parser.add_argument("--guidance-scale", type=float, default=2.0)
     parser.add_argument("--scheduler", default="dpm")
     args = parser.parse_args()

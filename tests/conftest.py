@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 
 from diffusion_lightning import ClassConditionedDDPM, ClassConditionedPipeline, UNetConfig, build_unet
 from diffusion_lightning.schedulers import make_scheduler, training_scheduler
@@ -68,3 +68,18 @@ class RandomDigits(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"images": self.images[i], "labels": self.labels[i]}
+
+
+class Crash(RuntimeError):
+    """What :class:`CrashAt` raises: a stand-in for a killed run."""
+
+
+class CrashAt(Callback):
+    """Raise :class:`Crash` after the optimizer step ``step`` (before that step's checkpoint)."""
+
+    def __init__(self, step: int) -> None:
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            raise Crash(f"simulated crash at step {self.step}")

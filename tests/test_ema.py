@@ -18,7 +18,7 @@ from diffusion_lightning.callbacks.ema import EMA
 from diffusion_lightning.commands import export
 from diffusion_lightning.data.base import LabelledImageDataModule
 from diffusion_lightning.utils.checkpoint import load_module
-from tests.conftest import RandomDigits, quiet_trainer, tiny_config, tiny_ddpm
+from tests.conftest import Crash, CrashAt, RandomDigits, quiet_trainer, tiny_config, tiny_ddpm
 
 
 class Recorder(Callback):
@@ -29,19 +29,6 @@ class Recorder(Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
         self.weights[trainer.global_step] = {k: v.detach().clone() for k, v in pl_module.unet.state_dict().items()}
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Crash(f"simulated crash at step {self.step}")
 
 
 class CrashInValidation(Callback):

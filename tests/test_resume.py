@@ -2,24 +2,11 @@
 
 import pytest
 import torch
-from lightning.pytorch import Callback, seed_everything
+from lightning.pytorch import seed_everything
 from lightning.pytorch.callbacks import ModelCheckpoint
 
 from diffusion_lightning import MNISTDataModule, WarmupCosineLR
-from tests.conftest import quiet_trainer, tiny_config, tiny_ddpm
-
-
-class Crash(RuntimeError):
-    pass
-
-
-class CrashAt(Callback):
-    def __init__(self, step: int) -> None:
-        self.step = step
-
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
-        if trainer.global_step == self.step:
-            raise Crash(f"simulated crash at step {self.step}")
+from tests.conftest import Crash, CrashAt, quiet_trainer, tiny_config, tiny_ddpm
 
 
 def make_run(tmp_path, callbacks=()):

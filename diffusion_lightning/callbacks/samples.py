@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import PIL.Image
 import torch
 from lightning.pytorch.callbacks import Callback, WeightAveraging
 from lightning.pytorch.utilities import rank_zero_warn
@@ -20,6 +17,7 @@ from diffusion_lightning.loggers.media import log_image
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
 from diffusion_lightning.schedulers import SCHEDULERS
+from diffusion_lightning.utils.io import save_image
 
 __all__ = [
     "SampleGridLogger",
@@ -207,21 +205,6 @@ class SampleGridLogger(Callback):
         grid = self.generate(diffusion_module(pl_module, self))
         log_image(trainer, "samples/grid", grid.pil_grid)
         folder = Path(self.dirpath) if self.dirpath else Path(trainer.default_root_dir) / "samples"
-        self.last_path = _save_png(
+        self.last_path = save_image(
             grid.pil_grid, folder / f"epoch={trainer.current_epoch:03d}-step={trainer.global_step:06d}.png"
         )
-
-
-def _save_png(image: PIL.Image.Image, path: Path) -> Path:
-    """Write a PNG through a temporary file in the same folder and one rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format="PNG")
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path

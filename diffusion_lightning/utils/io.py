@@ -10,7 +10,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 
 def _pid_alive(pid: int) -> bool:
@@ -63,14 +63,19 @@ def atomic_directory(path: str | os.PathLike[str]) -> Iterator[Path]:
         raise
 
 
-def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
-    """Write ``text`` to ``path`` through a temporary file and a rename."""
+@contextlib.contextmanager
+def atomic_file(path: str | os.PathLike[str], mode: str = "w") -> Iterator[IO[Any]]:
+    """Yield a handle on a temporary file beside ``path`` that replaces ``path`` in one rename.
+
+    The data is flushed to disk before the rename; on any exception the temporary file is removed
+    and ``path`` keeps its previous content.
+    """
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", dir=target.parent)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
     try:
-        with os.fdopen(fd, "w") as handle:
-            handle.write(text)
+        with os.fdopen(fd, mode) as handle:
+            yield handle
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -78,7 +83,20 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
-    return target
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> Path:
+    """Write ``text`` to ``path`` through a temporary file and a rename."""
+    with atomic_file(path) as handle:
+        handle.write(text)
+    return Path(path)
+
+
+def save_image(image: Any, path: str | os.PathLike[str], format: str = "PNG") -> Path:
+    """Save a PIL image atomically (never a half-written file under ``path``)."""
+    with atomic_file(path, "wb") as handle:
+        image.save(handle, format=format)
+    return Path(path)
 
 
 def write_json(path: str | os.PathLike[str], data: Any) -> Path:
