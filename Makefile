@@ -41,6 +41,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/watcher_overhead.py
+	$(BIN)/python benchmarks/stack_overhead.py
 	$(BIN)/python benchmarks/demo_quality.py
 
 clean:
