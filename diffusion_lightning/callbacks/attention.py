@@ -15,6 +15,7 @@ from diffusion_lightning.callbacks.samples import (
     check_classes,
     check_sampling_args,
     diffusion_module,
+    sampling_defaults,
     sampling_due,
     sampling_mode,
     warn_if_after_weight_averaging,
@@ -169,17 +170,12 @@ class AttentionHeatmapLogger(Callback):
             )
         return sorted({i % n for i in self.timestep_indices})
 
-    def _settings(self, pl_module: DiffusionModule) -> tuple[int, float]:
-        steps = self.num_inference_steps or pl_module.num_inference_steps
-        guidance = pl_module.guidance_scale if self.guidance_scale is None else self.guidance_scale
-        return steps, guidance
-
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         module = diffusion_module(pl_module, self)
         self._layer_names(module)
         check_classes(self.classes, module.build_pipeline(self.scheduler).num_classes)
-        self._steps(self._settings(module)[0])
+        self._steps(sampling_defaults(module, self.num_inference_steps, self.guidance_scale)[0])
         warn_if_after_weight_averaging(trainer, self)
 
     # ------------------------------------------------------------------ recording
@@ -191,7 +187,7 @@ class AttentionHeatmapLogger(Callback):
     def _record(self, pl_module: DiffusionModule, pipeline: Any) -> tuple[list[AttentionRecord], list[str]]:
         names = self._layer_names(pl_module)
         classes = check_classes(self.classes, pipeline.num_classes)
-        num_steps, guidance = self._settings(pl_module)
+        num_steps, guidance = sampling_defaults(pl_module, self.num_inference_steps, self.guidance_scale)
         recorder = AttentionRecorder(self._steps(num_steps), keep_last=len(classes))
 
         def advance(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

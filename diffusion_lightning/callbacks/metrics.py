@@ -15,7 +15,12 @@ from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from diffusion_lightning.callbacks.run_info import LatentRecorder, TimestepBucketLoss, peak_memory_mb, summary_figure
-from diffusion_lightning.callbacks.samples import check_classes, sampling_mode, warn_if_after_weight_averaging
+from diffusion_lightning.callbacks.samples import (
+    check_classes,
+    sampling_defaults,
+    sampling_mode,
+    warn_if_after_weight_averaging,
+)
 from diffusion_lightning.loggers.media import log_histogram, log_image
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
@@ -325,8 +330,7 @@ class DiffusionMetricsLogger(Callback):
 
     def _generation_pass(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         assert isinstance(pl_module, DiffusionModule) and self._writer is not None
-        steps = self.num_inference_steps or pl_module.num_inference_steps
-        scale = float(self.guidance_scale if self.guidance_scale is not None else pl_module.guidance_scale)
+        steps, scale = sampling_defaults(pl_module, self.num_inference_steps, self.guidance_scale)
         classes = self._classes
         labels = [classes[i % len(classes)] for i in range(self.num_samples)]
         frames = self.trajectory_num_steps if self.log_generation_steps else 0

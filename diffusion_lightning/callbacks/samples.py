@@ -24,6 +24,7 @@ __all__ = [
     "check_classes",
     "check_sampling_args",
     "diffusion_module",
+    "sampling_defaults",
     "sampling_due",
     "sampling_mode",
     "warn_if_after_weight_averaging",
@@ -93,6 +94,15 @@ def warn_if_after_weight_averaging(trainer: pl.Trainer, callback: Callback) -> N
             f"{type(callback).__name__} is listed after a WeightAveraging (EMA) callback, so it samples the "
             "training weights, not the averaged ones; list it before the EMA callback."
         )
+
+
+def sampling_defaults(
+    pl_module: DiffusionModule, num_inference_steps: int | None, guidance_scale: float | None
+) -> tuple[int, float]:
+    """A sampling callback's steps and guidance scale, the module's own where the callback gives ``None``."""
+    steps = num_inference_steps or pl_module.num_inference_steps
+    guidance = pl_module.guidance_scale if guidance_scale is None else guidance_scale
+    return steps, float(guidance)
 
 
 def check_sampling_args(
@@ -186,12 +196,13 @@ class SampleGridLogger(Callback):
         """The grid at the module's current weights (a ``ClassGridOutput``); the same seed gives the same grid."""
         pipeline = pl_module.build_pipeline(self.scheduler)
         pipeline.set_progress_bar_config(disable=True)
+        steps, guidance = sampling_defaults(pl_module, self.num_inference_steps, self.guidance_scale)
         with sampling_mode(pl_module):
             return pipeline.generate_grid(
                 num_per_class=self.num_per_class,
                 classes=check_classes(self.classes, pipeline.num_classes),
-                num_inference_steps=self.num_inference_steps or pl_module.num_inference_steps,
-                guidance_scale=pl_module.guidance_scale if self.guidance_scale is None else self.guidance_scale,
+                num_inference_steps=steps,
+                guidance_scale=guidance,
                 generator=torch.Generator().manual_seed(self.seed),
                 batch_size=self.batch_size,
                 scale=self.scale,
