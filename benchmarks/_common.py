@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import statistics
+import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 
 from diffusion_lightning import UNetConfig
+
+REPO = Path(__file__).resolve().parents[1]
+JUDGE_DIR = REPO / "outputs" / "classifier_mnist"
 
 #: The demo's network (configs/ddpm_mnist.yaml).
 DEMO_NET = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1, resnet_time_scale_shift="scale_shift")
@@ -42,3 +47,15 @@ class Stopwatch:
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         self.seconds = time.perf_counter() - self.start
+
+
+def judge_checkpoint(path: Path) -> Path:
+    """``path`` when it exists, else the digit judge trained now (configs/classifier_mnist.yaml, about a minute)."""
+    if path.is_file():
+        return path
+    from diffusion_lightning.cli import main as cli_main
+
+    print(f"training the digit judge into {JUDGE_DIR} ...", file=sys.stderr)
+    config = str(REPO / "configs/classifier_mnist.yaml")
+    cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(JUDGE_DIR)])
+    return JUDGE_DIR / "checkpoints" / "last.ckpt"

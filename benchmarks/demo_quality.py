@@ -10,27 +10,14 @@ each class that the judge reads as that class. The last line is ``demo_correct_f
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
 import torch
 
 from diffusion_lightning import ClassConditionedPipeline, DigitClassifier, MNISTDataModule
-from diffusion_lightning.cli import main as cli_main
 from diffusion_lightning.schedulers import make_scheduler
 
-REPO = Path(__file__).resolve().parents[1]
-JUDGE_DIR = REPO / "outputs" / "classifier_mnist"
-
-
-def judge_checkpoint(path: Path) -> Path:
-    if path.is_file():
-        return path
-    print(f"training the digit judge into {JUDGE_DIR} ...", file=sys.stderr)
-    cli_main(
-        ["fit", "--config", str(REPO / "configs/classifier_mnist.yaml"), "--trainer.default_root_dir", str(JUDGE_DIR)]
-    )
-    return JUDGE_DIR / "checkpoints" / "last.ckpt"
+from _common import JUDGE_DIR, REPO, judge_checkpoint
 
 
 @torch.no_grad()

@@ -25,9 +25,10 @@ DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channel
 
 
 def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
-    from diffusion_lightning.commands import export, sample
+    from diffusion_lightning.commands import evaluate, export, sample
 
     return {
+        "evaluate": ("Score samples (judge, FID/KID, precision/recall, LPIPS, CLIP) into eval/.", evaluate.main),
         "sample": ("Generate a labelled grid and per-image PNGs from a checkpoint or pipeline.", sample.main),
         "export": ("Write a diffusers pipeline folder from a checkpoint.", export.main),
     }
@@ -139,3 +140,7 @@ def main(args: Sequence[str] | None = None) -> None:
         extra[argv[0]][1](argv[1:])
         return
     DiffusionCLI(args=None if args is None else argv)
+
+
+if __name__ == "__main__":
+    main()

@@ -5,15 +5,17 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-import pytest
-import torch
-from lightning.pytorch import Callback, Trainer
-
-from diffusion_lightning import ClassConditionedDDPM, ClassConditionedPipeline, UNetConfig, build_unet
-from diffusion_lightning.schedulers import make_scheduler, training_scheduler
-
+# Before anything imports huggingface_hub, which reads these once: nothing may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from lightning.pytorch import Callback, Trainer  # noqa: E402
+
+from diffusion_lightning import ClassConditionedDDPM, ClassConditionedPipeline, UNetConfig, build_unet  # noqa: E402
+from diffusion_lightning.schedulers import make_scheduler, training_scheduler  # noqa: E402
+
 torch.set_num_threads(1)  # tiny models: one thread is faster than two competing for the cores
 
 REPO = Path(__file__).resolve().parents[1]

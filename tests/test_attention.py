@@ -7,7 +7,6 @@ import warnings
 
 import pytest
 import torch
-from conftest import RandomDigits, quiet_trainer, tiny_config, tiny_ddpm
 from diffusers.models.attention_processor import Attention, AttnProcessor, AttnProcessor2_0
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -22,6 +21,7 @@ from diffusion_lightning.utils.attention import (
     attention_statistics,
     match_layers,
 )
+from tests.conftest import RandomDigits, quiet_trainer, tiny_config, tiny_ddpm
 
 MID = "mid_block.attentions.0"
 

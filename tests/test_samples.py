@@ -8,7 +8,6 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
-from conftest import RandomDigits, quiet_trainer, tiny_ddpm
 from lightning.pytorch.callbacks import EMAWeightAveraging
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -16,6 +15,7 @@ from torch.utils.data import DataLoader
 
 from diffusion_lightning.callbacks.samples import SampleGridLogger, sampling_mode
 from diffusion_lightning.loggers import media
+from tests.conftest import RandomDigits, quiet_trainer, tiny_ddpm
 
 
 def small_ddpm(**kwargs):

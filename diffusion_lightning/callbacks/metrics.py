@@ -14,6 +14,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
+from diffusion_lightning.callbacks.evaluation import PeriodicEvaluation
 from diffusion_lightning.callbacks.run_info import LatentRecorder, TimestepBucketLoss, peak_memory_mb, summary_figure
 from diffusion_lightning.callbacks.samples import (
     check_classes,
@@ -87,6 +88,12 @@ class DiffusionMetricsLogger(Callback):
         save_images: Also write the generated images as PNG files.
         summary_figure: Draw and log ``summary.png`` when fitting ends.
         queue_size: Media jobs that may wait for the background writer before training blocks.
+        evaluate_every_n_epochs: Epochs between evaluations (the ``evaluate`` command's scoring on
+            a bounded budget, see :mod:`~diffusion_lightning.callbacks.evaluation`); ``None`` never
+            evaluates. Logs ``evals/accuracy``, ``evals/fid``, ... for early stopping and checkpoints.
+        evaluation: What an evaluation generates and measures: fields of
+            :class:`~diffusion_lightning.metrics.EvaluationConfig`, where 100 samples, 10 sampling
+            steps and no progress bars replace its defaults.
     """
 
     def __init__(
@@ -108,6 +115,8 @@ class DiffusionMetricsLogger(Callback):
         save_images: bool = True,
         summary_figure: bool = True,
         queue_size: int = 8,
+        evaluate_every_n_epochs: int | None = None,
+        evaluation: dict[str, Any] | None = None,
     ) -> None:
         _check_int("num_buckets", num_buckets)
         _check_int("log_every_n_steps", log_every_n_steps, allow_none=True)
@@ -140,6 +149,9 @@ class DiffusionMetricsLogger(Callback):
         self.save_images = save_images
         self.summary_figure = summary_figure
         self.queue_size = queue_size
+        self.evaluation = (
+            PeriodicEvaluation(evaluate_every_n_epochs, evaluation) if evaluate_every_n_epochs is not None else None
+        )
         self.history: list[dict[str, Any]] = []
         """One record per epoch: bucket losses, generation cost and latent statistics."""
         self._window: TimestepBucketLoss | None = None  # since the last training log
@@ -182,6 +194,8 @@ class DiffusionMetricsLogger(Callback):
             else:
                 raise ValueError(f"classes=None needs a module with num_classes; {type(pl_module).__name__} has none.")
             warn_if_after_weight_averaging(trainer, self)
+        if self.evaluation is not None:
+            self.evaluation.setup(trainer)
         self._close_writer(raise_errors=True)  # one left by an earlier fit that did not tear down
         self._writer = AsyncWriter(self.queue_size, name="diffusion-metrics-writer")
         self._generated_epoch = None
@@ -315,6 +329,9 @@ class DiffusionMetricsLogger(Callback):
             self._generated_epoch = epoch
             if trainer.is_global_zero:
                 self._generation_pass(trainer, pl_module)
+        if self.evaluation is not None and self.evaluation.due(trainer):
+            values = self.evaluation.run(trainer, pl_module)
+            self._record(epoch, trainer.global_step)["evals"] = values
 
     # ------------------------------------------------------------------ generation
 

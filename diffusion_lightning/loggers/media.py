@@ -10,6 +10,7 @@ scalars alone there.
 from __future__ import annotations
 
 import io
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -45,15 +46,29 @@ def _unsupported(logger: Logger, kind: str) -> None:
         rank_zero_warn(f"{type(logger).__name__} cannot log {kind}s; only scalars are logged there.")
 
 
-def _loggers(trainer: Trainer | None) -> list[Logger]:
-    if trainer is None or not trainer.is_global_zero:
+#: Where media go: a Trainer (its loggers, from rank 0), or loggers used outside a Trainer.
+Target = Trainer | Sequence[Logger] | None
+
+
+def _is_trainer(target: Any) -> bool:
+    return isinstance(target, Trainer) or hasattr(target, "loggers")  # a Trainer, or a stand-in for one
+
+
+def _loggers(trainer: Target) -> list[Logger]:
+    if trainer is None:
         return []
-    return list(trainer.loggers)
+    if not _is_trainer(trainer):
+        return list(trainer)  # type: ignore[arg-type]
+    return list(trainer.loggers) if trainer.is_global_zero else []  # type: ignore[union-attr]
 
 
-def log_image(trainer: Trainer | None, key: str, image: Any, step: int | None = None) -> bool:
+def _step(trainer: Target, step: int | None) -> int | None:
+    return trainer.global_step if step is None and _is_trainer(trainer) else step  # type: ignore[union-attr]
+
+
+def log_image(trainer: Target, key: str, image: Any, step: int | None = None) -> bool:
     """Log one image under ``key``; ``True`` if some logger took it."""
-    step = trainer.global_step if step is None and trainer is not None else step
+    step = _step(trainer, step)
     done = False
     for logger in _loggers(trainer):
         if isinstance(logger, TensorBoardLogger):
@@ -68,9 +83,9 @@ def log_image(trainer: Trainer | None, key: str, image: Any, step: int | None = 
     return done
 
 
-def log_histogram(trainer: Trainer | None, key: str, values: torch.Tensor, step: int | None = None) -> bool:
+def log_histogram(trainer: Target, key: str, values: torch.Tensor, step: int | None = None) -> bool:
     """Log the distribution of ``values`` under ``key``; ``True`` if some logger took it."""
-    step = trainer.global_step if step is None and trainer is not None else step
+    step = _step(trainer, step)
     flat = values.detach().float().flatten().cpu()
     flat = flat[torch.isfinite(flat)]
     if flat.numel() == 0:
@@ -93,7 +108,7 @@ def log_histogram(trainer: Trainer | None, key: str, values: torch.Tensor, step:
     return done
 
 
-def log_figure(trainer: Trainer | None, key: str, figure: Any, step: int | None = None) -> bool:
+def log_figure(trainer: Target, key: str, figure: Any, step: int | None = None) -> bool:
     """Log a matplotlib figure (rendered to PNG) under ``key``."""
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100, bbox_inches="tight")
@@ -101,9 +116,9 @@ def log_figure(trainer: Trainer | None, key: str, figure: Any, step: int | None 
     return log_image(trainer, key, PIL.Image.open(buffer).convert("RGB"), step)
 
 
-def log_text(trainer: Trainer | None, key: str, text: str, step: int | None = None) -> bool:
+def log_text(trainer: Target, key: str, text: str, step: int | None = None) -> bool:
     """Log a block of text (a config, a model summary) under ``key``."""
-    step = trainer.global_step if step is None and trainer is not None else step
+    step = _step(trainer, step)
     done = False
     for logger in _loggers(trainer):
         if isinstance(logger, TensorBoardLogger):

@@ -1,0 +1,50 @@
+"""Evaluation of generated images: the digit judge, FID/KID/IS, precision/recall/realism, LPIPS, CLIP score.
+
+Everything runs offline: standard networks (InceptionV3, the LPIPS backbone, CLIP) load from local
+files only, and the digit judge's feature space gives a domain FID when they are absent.
+"""
+
+from diffusion_lightning.metrics.clip import CLIPScorer, clip_score
+from diffusion_lightning.metrics.distribution import FewSamplesWarning, fid, inception_score, kid
+from diffusion_lightning.metrics.evaluator import DEFAULT_METRICS, METRICS, EvaluationConfig, Evaluator
+from diffusion_lightning.metrics.features import DigitFeatures, FeatureExtractor, PrecomputedFeatures, check_image_range
+from diffusion_lightning.metrics.inception import InceptionFeatures, InceptionWeightsMissing, resolve_inception_weights
+from diffusion_lightning.metrics.judge import JudgeMissing, judge_scores, load_judge, summarize
+from diffusion_lightning.metrics.lpips import LPIPSDiversity, LPIPSWeightsMissing
+from diffusion_lightning.metrics.manifold import ManifoldScores, kth_neighbour_radii, manifold_scores
+from diffusion_lightning.metrics.reference import RealReference, dataset_key, default_cache_dir, real_reference
+from diffusion_lightning.metrics.report import EvaluationResult
+
+__all__ = [
+    "CLIPScorer",
+    "InceptionFeatures",
+    "InceptionWeightsMissing",
+    "LPIPSDiversity",
+    "LPIPSWeightsMissing",
+    "clip_score",
+    "resolve_inception_weights",
+    "DEFAULT_METRICS",
+    "METRICS",
+    "DigitFeatures",
+    "EvaluationConfig",
+    "EvaluationResult",
+    "Evaluator",
+    "FeatureExtractor",
+    "FewSamplesWarning",
+    "JudgeMissing",
+    "ManifoldScores",
+    "PrecomputedFeatures",
+    "RealReference",
+    "check_image_range",
+    "dataset_key",
+    "default_cache_dir",
+    "fid",
+    "inception_score",
+    "judge_scores",
+    "kid",
+    "kth_neighbour_radii",
+    "load_judge",
+    "manifold_scores",
+    "real_reference",
+    "summarize",
+]
