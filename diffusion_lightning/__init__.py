@@ -8,9 +8,15 @@ from diffusion_lightning.callbacks import (
     RunSummary,
     SampleGridLogger,
 )
-from diffusion_lightning.data import CIFAR10DataModule, MNISTDataModule
-from diffusion_lightning.modules import ClassConditionedDDPM, DiffusionModule, DiffusionStepOutput, DigitClassifier
-from diffusion_lightning.nets import ClassConditionedUnet, UNetConfig, build_unet
+from diffusion_lightning.data import CIFAR10DataModule, ImageCaptionDataModule, MNISTDataModule
+from diffusion_lightning.modules import (
+    ClassConditionedDDPM,
+    DiffusionModule,
+    DiffusionStepOutput,
+    DigitClassifier,
+    LatentDiffusionModule,
+)
+from diffusion_lightning.nets import ClassConditionedUnet, LatentComponents, UNetConfig, build_unet
 from diffusion_lightning.optim import WarmupCosineLR
 from diffusion_lightning.pipelines import (
     ClassConditionedPipeline,
@@ -30,7 +36,10 @@ __all__ = [
     "RunSummary",
     "SampleGridLogger",
     "CIFAR10DataModule",
+    "ImageCaptionDataModule",
     "ClassConditionedDDPM",
+    "LatentComponents",
+    "LatentDiffusionModule",
     "ClassConditionedPipeline",
     "ClassConditionedPipelineOutput",
     "ClassConditionedUnet",

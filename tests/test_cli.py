@@ -10,7 +10,7 @@ import torch
 import yaml
 from diffusers import UNet2DModel
 
-from diffusion_lightning import ClassConditionedPipeline
+from diffusion_lightning import ClassConditionedPipeline, LatentDiffusionModule
 from diffusion_lightning.cli import DiffusionCLI, main
 from tests.conftest import REPO
 
@@ -19,10 +19,34 @@ CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
 OVERLAY_BASES = {"callbacks/default.yaml": "ddpm_mnist.yaml", "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml"}
 
 
-def config_args(config: Path) -> list[str]:
+@pytest.fixture(scope="module")
+def local_sd(tmp_path_factory) -> list[str]:
+    """Overrides that point the GPU Stable Diffusion configs at a tiny local model and caption folder, on CPU."""
+    import PIL.Image
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_lightning.nets.latent import build_components
+
+    root = tmp_path_factory.mktemp("sd")
+    parts = build_components()
+    StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    ).save_pretrained(root / "model")
+    (root / "data").mkdir()
+    PIL.Image.new("RGB", (20, 20), "white").save(root / "data" / "a.png")
+    (root / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a white square"}) + "\n")
+    return [
+        "--model.init_args.pretrained", str(root / "model"), "--data.init_args.root", str(root / "data"),
+        "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+    ]  # fmt: skip
+
+
+def config_args(config: Path, local_sd: list[str] | None = None) -> list[str]:
     name = config.relative_to(REPO / "configs").as_posix()
-    if "class_path" in (yaml.safe_load(config.read_text()).get("model") or {}):
-        return ["--config", str(config)]
+    model = yaml.safe_load(config.read_text()).get("model") or {}
+    if "class_path" in model:
+        pretrained = (model.get("init_args") or {}).get("pretrained")
+        return ["--config", str(config), *(local_sd or [] if pretrained else [])]
     assert name in OVERLAY_BASES, f"{name} has no model: add it to OVERLAY_BASES with the config it extends"
     return ["--config", str(REPO / "configs" / OVERLAY_BASES[name]), "--config", str(config)]
 
@@ -33,12 +57,14 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_every_config_parses_against_the_code(config):
-    cli = DiffusionCLI(args=config_args(config), run=False)
+def test_every_config_parses_against_the_code(config, local_sd):
+    cli = DiffusionCLI(args=config_args(config, local_sd), run=False)
     assert cli.model is not None and cli.datamodule is not None
     # data properties reach the model through the links
     assert cli.model.num_classes == cli.datamodule.num_classes
-    if hasattr(cli.model, "unet"):
+    if isinstance(cli.model, LatentDiffusionModule):
+        assert cli.model.image_size == cli.datamodule.image_size
+    elif hasattr(cli.model, "unet"):
         assert cli.model.unet.config.sample_size == cli.datamodule.image_size
     if config.parent.name == "callbacks" or config.name == "callbacks.yaml":
         names = {type(c).__name__ for c in cli.trainer.callbacks}

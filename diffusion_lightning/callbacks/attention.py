@@ -59,8 +59,9 @@ class AttentionHeatmapLogger(Callback):
     attention each location receives from all queries (where the layer looks, whatever asks),
     with ``"center"`` the attention of the centre query. For cross-attention (keys are text
     tokens) the columns are tokens and a tile is that token's attention over the image, averaged
-    over heads. Every tile is contrast-stretched to its own min..max; the scalars carry the
-    absolute levels.
+    over heads (for per-token maps averaged over layers and steps and overlaid on the generated
+    images, see :class:`~diffusion_lightning.callbacks.cross_attention.CrossAttentionHeatmapLogger`).
+    Every tile is contrast-stretched to its own min..max; the scalars carry the absolute levels.
 
     Scalars, averaged over the recorded steps, the images and the queries:
     ``attention/<layer>/entropy`` (``-sum p log p`` over keys, in ``[0, log(keys)]``),

@@ -29,12 +29,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--weights", choices=("ema", "raw"), default="ema",
         help="the EMA weights when the run had them (default) or the raw trained ones",
     )  # fmt: skip
+    parser.add_argument(
+        "--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
+        help="LoRA runs: write a full pipeline with the adapters fused in, instead of the adapter weights alone",
+    )  # fmt: skip
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
     args = build_parser().parse_args(argv)
     module = load_module(args.ckpt, weights=args.weights)
-    path = module.export_pipeline(args.out, scheduler=args.scheduler)
+    if args.merge_lora:
+        if getattr(module, "training_mode", None) != "lora":
+            raise SystemExit(f"error: --merge-lora applies to LoRA runs; {args.ckpt} was not trained with LoRA.")
+        path = module.export_pipeline(args.out, scheduler=args.scheduler, merge_lora=True)
+    else:
+        path = module.export_pipeline(args.out, scheduler=args.scheduler)
     print(f"exported {type(module).__name__} from {args.ckpt} to {path}")
     return path

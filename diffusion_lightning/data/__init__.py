@@ -6,11 +6,15 @@ from diffusion_lightning.data.base import (
     LabelledImages,
     stratified_split,
 )
+from diffusion_lightning.data.captions import CaptionCollate, ImageCaptionDataModule, ImageCaptions
 from diffusion_lightning.data.cifar import CIFAR10DataModule
 from diffusion_lightning.data.mnist import MNISTDataModule
 
 __all__ = [
     "CIFAR10DataModule",
+    "CaptionCollate",
+    "ImageCaptionDataModule",
+    "ImageCaptions",
     "EpochSeededSampler",
     "LabelledImageDataModule",
     "LabelledImages",

@@ -90,7 +90,10 @@ class EpochSeededSampler(Sampler[int]):
         return iter(order[self._skip.pop(self.epoch, 0) :])
 
     def __len__(self) -> int:
-        return self.num_samples - self._skip.get(self.epoch, 0)
+        # Always the whole epoch: Lightning sizes the loader once per fit (before set_epoch) and keeps
+        # that length for every epoch; on a mid-epoch resume its loop starts counting at the batches
+        # already processed, so the shorter iteration ends the epoch exactly where it should.
+        return self.num_samples
 
 
 def stratified_split(labels: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:

@@ -3,5 +3,6 @@
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
+from diffusion_lightning.modules.latent import LatentDiffusionModule
 
-__all__ = ["ClassConditionedDDPM", "DigitClassifier", "DiffusionModule", "DiffusionStepOutput"]
+__all__ = ["ClassConditionedDDPM", "DigitClassifier", "DiffusionModule", "DiffusionStepOutput", "LatentDiffusionModule"]

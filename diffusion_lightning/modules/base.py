@@ -72,6 +72,10 @@ class DiffusionModule(LightningModule, ABC):
         loss_type: ``l2``, ``l1`` or ``huber`` (pseudo-Huber).
         huber_c: Transition point of the pseudo-Huber loss.
         snr_gamma: Min-SNR-gamma loss weighting (5.0 is the paper's choice); ``None`` disables it.
+        noise_offset: Add ``noise_offset * N(0, 1)`` per sample and channel to the noise (constant
+            over the image), which lets a model learn very dark or bright images; 0.1 is common.
+        input_perturbation: Noise the input with ``noise + input_perturbation * N(0, 1)`` while the
+            target keeps ``noise`` (Ning et al. 2023, against exposure bias); 0.1 is common.
         learning_rate: Peak learning rate; it is set on every parameter group of the optimizer.
         optimizer: Optimizer factory taking parameter groups (weight decay is off for biases and
             normalization weights).
@@ -96,6 +100,8 @@ class DiffusionModule(LightningModule, ABC):
         loss_type: str = "l2",
         huber_c: float = 0.1,
         snr_gamma: float | None = None,
+        noise_offset: float = 0.0,
+        input_perturbation: float = 0.0,
         learning_rate: float = 1e-4,
         optimizer: OptimizerCallable = AdamW,
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
@@ -112,6 +118,10 @@ class DiffusionModule(LightningModule, ABC):
             raise ValueError(f"snr_gamma={snr_gamma!r} must be > 0, or None to disable min-SNR weighting.")
         if learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate!r} must be > 0.")
+        if noise_offset < 0:
+            raise ValueError(f"noise_offset={noise_offset!r} must be >= 0.")
+        if input_perturbation < 0:
+            raise ValueError(f"input_perturbation={input_perturbation!r} must be >= 0.")
         if huber_c <= 0:
             raise ValueError(f"huber_c={huber_c!r} must be > 0.")
         if num_inference_steps < 1:
@@ -130,6 +140,8 @@ class DiffusionModule(LightningModule, ABC):
         self.loss_type = loss_type
         self.huber_c = huber_c
         self.snr_gamma = snr_gamma
+        self.noise_offset = noise_offset
+        self.input_perturbation = input_perturbation
         self.learning_rate = learning_rate
         self.optimizer_factory = optimizer
         self.lr_scheduler_factory = lr_scheduler
@@ -144,8 +156,12 @@ class DiffusionModule(LightningModule, ABC):
     # ------------------------------------------------------------------ what subclasses provide
 
     @abstractmethod
-    def unpack_batch(self, batch: Any) -> tuple[torch.Tensor, Any]:
-        """Split a batch into the clean sample ``x_0`` (what is noised) and its condition."""
+    def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, Any]:
+        """Split a batch into the clean sample ``x_0`` (what is noised) and its condition.
+
+        ``generator`` is the step's seeded generator, for anything random in the unpacking (a
+        latent model samples its VAE posterior with it).
+        """
 
     @abstractmethod
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: Any) -> torch.Tensor:
@@ -193,9 +209,16 @@ class DiffusionModule(LightningModule, ABC):
         """Noise ``sample`` at random (or given) timesteps, predict and compute the loss."""
         if noise is None:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            if self.noise_offset:
+                offset = torch.randn(sample.shape[:2], generator=generator, device=sample.device, dtype=sample.dtype)
+                noise = noise + self.noise_offset * offset.view(*sample.shape[:2], *([1] * (sample.ndim - 2)))
         if timesteps is None:
             timesteps = self.sample_timesteps(sample.shape[0], generator)
-        noisy = self.noise_scheduler.add_noise(sample, noise, timesteps)
+        input_noise = noise
+        if self.input_perturbation:
+            extra = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
+            input_noise = noise + self.input_perturbation * extra
+        noisy = self.noise_scheduler.add_noise(sample, input_noise, timesteps)
         prediction = self(noisy, timesteps, condition)
         target = training_target(self.noise_scheduler, sample, noise, timesteps, self.prediction_type)
         weights = None
@@ -208,8 +231,8 @@ class DiffusionModule(LightningModule, ABC):
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
-        sample, condition = self.unpack_batch(batch)
         generator = self.generator(self.current_epoch, batch_idx, self.global_rank)
+        sample, condition = self.unpack_batch(batch, generator)
         condition = self.drop_condition(condition, generator)
         out = self.diffusion_step(sample, condition, generator)
         self.log("train/loss", out.loss, prog_bar=True, batch_size=sample.shape[0])
@@ -217,8 +240,8 @@ class DiffusionModule(LightningModule, ABC):
 
     def evaluation_output(self, batch: Any, batch_idx: int) -> DiffusionStepOutput:
         """The loss on fixed noise and stratified timesteps per batch index: the same every epoch and run."""
-        sample, condition = self.unpack_batch(batch)
         generator = self.generator(0x5EED, batch_idx, self.global_rank)
+        sample, condition = self.unpack_batch(batch, generator)
         timesteps = self.sample_timesteps(sample.shape[0], generator, stratified=True)
         return self.diffusion_step(sample, condition, generator, timesteps=timesteps)
 

@@ -60,7 +60,7 @@ class ClassConditionedDDPM(DiffusionModule):
         return self.unet
 
     @override
-    def unpack_batch(self, batch: Any) -> tuple[torch.Tensor, torch.Tensor]:
+    def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         return batch["images"], batch["labels"]
 
     @override

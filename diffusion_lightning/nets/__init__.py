@@ -1,6 +1,15 @@
 """Network builders."""
 
 from diffusion_lightning.nets.class_conditioned import ClassConditionedUnet
+from diffusion_lightning.nets.latent import LatentComponents, build_components, load_components
 from diffusion_lightning.nets.unet import UNetConfig, build_unet, num_classes_of
 
-__all__ = ["ClassConditionedUnet", "UNetConfig", "build_unet", "num_classes_of"]
+__all__ = [
+    "ClassConditionedUnet",
+    "LatentComponents",
+    "UNetConfig",
+    "build_components",
+    "build_unet",
+    "load_components",
+    "num_classes_of",
+]

@@ -1,0 +1,497 @@
+"""Latent text-to-image fine-tuning (Stable Diffusion): full UNet, text encoder or LoRA adapters.
+
+The training core is :class:`~diffusion_lightning.modules.base.DiffusionModule`'s; this module
+adds what a latent model needs around it: images become latents through a frozen VAE (scaled by
+its ``scaling_factor``, shifted by ``shift_factor`` when it has one), captions become
+``encoder_hidden_states`` through a CLIP text encoder, and prompt dropout trains the unconditional
+branch of classifier-free guidance. Only trained weights go into Lightning checkpoints; frozen
+parts are rebuilt from their source (the pretrained folder or the seeded component config) when a
+checkpoint is loaded.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from typing_extensions import override
+
+from diffusion_lightning.losses import check_choice
+from diffusion_lightning.modules.base import DiffusionModule
+from diffusion_lightning.nets.latent import LatentComponents, build_components, load_components
+from diffusion_lightning.utils.io import atomic_directory
+
+__all__ = ["TRAINING_MODES", "LatentDiffusionModule"]
+
+TRAINING_MODES = ("full", "text_encoder", "lora")
+ATTENTION = ("sdpa", "xformers", "default")
+UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+
+
+class LatentDiffusionModule(DiffusionModule):
+    """Fine-tune a latent text-to-image model (VAE + CLIP text encoder + ``UNet2DConditionModel``).
+
+    Batches are dicts with ``images`` (``(B, 3, H, W)`` in ``[-1, 1]``) and ``captions`` (strings)
+    or ``input_ids`` (already tokenized); ``keys`` (a stable id per image) enable the latent cache.
+
+    Args:
+        pretrained: A Stable Diffusion pipeline folder or hub id (``unet``, ``vae``,
+            ``text_encoder``, ``tokenizer``, ``scheduler`` subfolders); its scheduler config sets
+            the noise schedule. ``None`` builds the parts from ``components``.
+        components: Parts built from scratch (:class:`~diffusion_lightning.nets.latent.LatentComponents`),
+            used when ``pretrained`` is ``None``.
+        revision: Hub revision of ``pretrained``.
+        variant: Weights variant of ``pretrained`` (e.g. ``fp16``).
+        training_mode: ``full`` (the UNet; plus the text encoder with ``train_text_encoder``),
+            ``text_encoder`` (only the text encoder) or ``lora`` (peft adapters on the UNet's
+            attention, plus the text encoder's with ``lora_text_encoder``).
+        train_text_encoder: In ``full`` mode, also train the text encoder.
+        text_encoder_learning_rate: Learning rate of the text encoder; default ``learning_rate``.
+        lora_rank: Rank of the LoRA adapters.
+        lora_alpha: LoRA scaling numerator (``alpha / rank`` scales the update); default the rank.
+        lora_dropout: Dropout inside the adapters.
+        lora_target_modules: UNet modules that get adapters (names or suffixes).
+        lora_text_encoder: In ``lora`` mode, also adapt the text encoder.
+        text_encoder_lora_target_modules: Text-encoder modules that get adapters.
+        prompt_dropout: Probability of replacing a caption by the empty prompt (trains the
+            unconditional prediction classifier-free guidance needs).
+        gradient_checkpointing: Recompute activations in the backward pass (less memory, ~30% slower).
+        attention: ``sdpa`` (PyTorch's fused attention, diffusers' default), ``xformers`` (needs
+            the package) or ``default`` (the plain implementation).
+        latent_cache_dir: Cache each image's VAE posterior here (keyed by the batch's ``keys``, the
+            image size and the VAE's weights), so the VAE runs once per image; needs deterministic
+            crops and no flips.
+        image_size: Height and width of generated images (linked from the data module's resolution).
+        in_channels: Image channels (linked from the data module; must be 3).
+        validation_prompts: Prompts generated after every validation and logged as
+            ``validation/samples``.
+        validation_negative_prompts: One negative prompt per validation prompt (or one for all).
+        validation_seed: Seed of validation image ``i`` is ``validation_seed + i``.
+        num_classes: Accepted for the CLI's data links; unused.
+        class_names: Accepted for the CLI's data links; unused.
+        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``; default the pretrained
+            scheduler's (else ``epsilon``).
+        **kwargs: Training-core options of :class:`~diffusion_lightning.modules.base.DiffusionModule`
+            (learning rate, optimizer, min-SNR, noise offset, input perturbation, sampler, ...).
+    """
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        components: LatentComponents | None = None,
+        revision: str | None = None,
+        variant: str | None = None,
+        training_mode: str = "full",
+        train_text_encoder: bool = False,
+        text_encoder_learning_rate: float | None = None,
+        lora_rank: int = 4,
+        lora_alpha: float | None = None,
+        lora_dropout: float = 0.0,
+        lora_target_modules: list[str] | None = None,
+        lora_text_encoder: bool = False,
+        text_encoder_lora_target_modules: list[str] | None = None,
+        prompt_dropout: float = 0.1,
+        gradient_checkpointing: bool = False,
+        attention: str = "sdpa",
+        latent_cache_dir: str | None = None,
+        image_size: int | None = None,
+        in_channels: int = 3,
+        validation_prompts: list[str] | None = None,
+        validation_negative_prompts: list[str] | None = None,
+        validation_seed: int = 0,
+        num_classes: int | None = None,
+        class_names: list[str] | None = None,
+        prediction_type: str | None = None,
+        beta_schedule: str = "scaled_linear",
+        beta_start: float = 0.00085,
+        beta_end: float = 0.012,
+        **kwargs: Any,
+    ) -> None:
+        check_choice("training_mode", training_mode, TRAINING_MODES)
+        check_choice("attention", attention, ATTENTION)
+        if not 0.0 <= prompt_dropout < 1.0:
+            raise ValueError(f"prompt_dropout={prompt_dropout!r} must be in [0, 1).")
+        if lora_rank < 1:
+            raise ValueError(f"lora_rank={lora_rank!r} must be >= 1.")
+        if in_channels != 3:
+            raise ValueError(f"in_channels={in_channels!r}: the VAE encodes RGB images; use 3.")
+        if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
+            raise ValueError(f"text_encoder_learning_rate={text_encoder_learning_rate!r} must be > 0 or None.")
+        negatives, positives = len(validation_negative_prompts or []), len(validation_prompts or [])
+        if negatives and positives and negatives not in (1, positives):
+            raise ValueError(
+                f"validation_negative_prompts has {negatives} entries; expected 1 or one per validation prompt "
+                f"({positives})."
+            )
+        parts = load_components(pretrained, revision, variant) if pretrained else build_components(components)
+        scheduler_config = dict(parts["scheduler"].config) if pretrained else {}
+        prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
+        super().__init__(
+            num_train_timesteps=scheduler_config.get("num_train_timesteps", kwargs.pop("num_train_timesteps", 1000)),
+            beta_schedule=scheduler_config.get("beta_schedule", beta_schedule),
+            beta_start=scheduler_config.get("beta_start", beta_start),
+            beta_end=scheduler_config.get("beta_end", beta_end),
+            prediction_type=prediction_type,
+            **kwargs,
+        )
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
+        # SD's convention: "leading" spacing with an offset of one, as the checkpoints' schedulers have.
+        # (built anew: from_config would treat a registered steps_offset as a default and drop it)
+        config = {k: v for k, v in self.noise_scheduler.config.items() if not k.startswith("_")}
+        config["steps_offset"] = scheduler_config.get("steps_offset", 1)
+        self.noise_scheduler = type(self.noise_scheduler)(**config)
+        self.unet = parts["unet"]
+        self.vae = parts["vae"]
+        self.text_encoder = parts["text_encoder"]
+        self.tokenizer = parts["tokenizer"]
+        self.num_classes, self.class_names = num_classes, class_names  # not class-conditional: kept as given
+        self.training_mode = training_mode
+        self.train_text_encoder = training_mode == "text_encoder" or (training_mode == "full" and train_text_encoder)
+        self.lora_text_encoder = training_mode == "lora" and lora_text_encoder
+        self.text_encoder_learning_rate = text_encoder_learning_rate
+        self.prompt_dropout = prompt_dropout
+        self.latent_cache_dir = latent_cache_dir
+        self.image_size = image_size or int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.validation_prompts = list(validation_prompts or [])
+        self.validation_negative_prompts = list(validation_negative_prompts or [])
+        self.validation_seed = validation_seed
+        self.lora_config = {"r": lora_rank, "lora_alpha": lora_alpha or lora_rank, "lora_dropout": lora_dropout}
+        self._freeze(
+            list(lora_target_modules or UNET_LORA_TARGETS), list(text_encoder_lora_target_modules or TEXT_LORA_TARGETS)
+        )
+        if gradient_checkpointing:
+            self.unet.enable_gradient_checkpointing()
+            if self.train_text_encoder or self.lora_text_encoder:
+                self.text_encoder.gradient_checkpointing_enable()
+        self._set_attention(attention)
+        self._empty_ids: torch.Tensor | None = None
+        self._warned_truncation = False
+        self._vae_fingerprint: str | None = None
+
+    # ------------------------------------------------------------------ set-up
+
+    @property
+    def vae_scale_factor(self) -> int:
+        return 2 ** (len(self.vae.config.block_out_channels) - 1)
+
+    def _freeze(self, unet_targets: list[str], text_targets: list[str]) -> None:
+        self.vae.requires_grad_(False)
+        self.unet.requires_grad_(self.training_mode == "full")
+        self.text_encoder.requires_grad_(self.train_text_encoder)
+        if self.training_mode == "lora":
+            from peft import LoraConfig
+
+            self.unet.add_adapter(
+                LoraConfig(**self.lora_config, init_lora_weights="gaussian", target_modules=unet_targets)
+            )
+            if self.lora_text_encoder:
+                # peft's own injection (what diffusers' load_lora_weights uses for text encoders): transformers'
+                # add_adapter wrapper demands a newer peft than diffusers does.
+                from peft import inject_adapter_in_model
+
+                config = LoraConfig(**self.lora_config, init_lora_weights="gaussian", target_modules=text_targets)
+                inject_adapter_in_model(config, self.text_encoder, adapter_name="default")
+
+    def _set_attention(self, attention: str) -> None:
+        if attention == "xformers":
+            try:
+                import xformers  # noqa: F401
+            except ImportError as error:
+                raise ValueError("attention='xformers' needs the xformers package; use 'sdpa' instead.") from error
+            self.unet.enable_xformers_memory_efficient_attention()
+        elif attention == "default":
+            from diffusers.models.attention_processor import AttnProcessor
+
+            self.unet.set_attn_processor(AttnProcessor())
+
+    @override
+    def train(self, mode: bool = True) -> LatentDiffusionModule:
+        super().train(mode)
+        self.vae.eval()  # frozen parts stay in inference mode (dropout off) while the rest trains
+        if not (self.train_text_encoder or self.lora_text_encoder):
+            self.text_encoder.eval()
+        return self
+
+    @property
+    @override
+    def denoiser(self) -> torch.nn.Module:
+        return self.unet
+
+    # ------------------------------------------------------------------ conditioning
+
+    def tokenize(self, prompts: list[str]) -> torch.Tensor:
+        """Token ids ``(B, model_max_length)``; prompts longer than that are truncated, with one warning."""
+        tokenizer = self.tokenizer
+        max_length = tokenizer.model_max_length
+        if not self._warned_truncation:
+            lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
+            too_long = [p for p, n in zip(prompts, lengths) if n > max_length]
+            if too_long:
+                self._warned_truncation = True
+                rank_zero_warn(
+                    f"{len(too_long)} prompt(s) exceed the tokenizer's {max_length} tokens and are truncated "
+                    f"(first: {too_long[0][:60]!r}...); this warning is shown once."
+                )
+        ids = tokenizer(
+            list(prompts), padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+        )
+        return ids.input_ids.to(self.device)
+
+    def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``encoder_hidden_states`` of token ids (with gradients only when the text encoder trains)."""
+        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.train_text_encoder or self.lora_text_encoder)):
+            return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+
+    @property
+    def empty_prompt_ids(self) -> torch.Tensor:
+        if self._empty_ids is None or self._empty_ids.device != self.device:
+            self._empty_ids = self.tokenize([""])[0]
+        return self._empty_ids
+
+    @override
+    def drop_condition(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        if self.prompt_dropout == 0:
+            return condition
+        drop = torch.rand(condition.shape[0], generator=generator, device=condition.device) < self.prompt_dropout
+        return torch.where(drop.unsqueeze(1), self.empty_prompt_ids.to(condition.device), condition)
+
+    # ------------------------------------------------------------------ latents
+
+    @torch.no_grad()
+    def posterior_parameters(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
+        """The VAE posterior's ``(mean, logvar)`` of each image, from the latent cache when enabled."""
+        images = images.to(self.device, self.vae.dtype)
+        if not self.latent_cache_dir or keys is None:
+            return self.vae.encode(images).latent_dist.parameters
+        folder = Path(self.latent_cache_dir) / self._vae_id() / f"{images.shape[-2]}x{images.shape[-1]}"
+        paths = [folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" for key in keys]
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        fresh = self.vae.encode(images[missing]).latent_dist.parameters if missing else None
+        parameters = []
+        for i, path in enumerate(paths):
+            if i in missing:
+                assert fresh is not None
+                value = fresh[missing.index(i)].detach().cpu().clone()
+                folder.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(value, tmp)
+                os.replace(tmp, path)
+                parameters.append(value)
+            else:
+                parameters.append(torch.load(path, map_location="cpu", weights_only=True))
+        return torch.stack(parameters).to(self.device)
+
+    def _vae_id(self) -> str:
+        if self._vae_fingerprint is None:
+            from diffusion_lightning.metrics.features import state_fingerprint
+
+            self._vae_fingerprint = f"vae-{state_fingerprint(self.vae)}"
+        return self._vae_fingerprint
+
+    def encode_images(
+        self, images: torch.Tensor, generator: torch.Generator | None = None, keys: list[str] | None = None
+    ) -> torch.Tensor:
+        """Scaled latents of images in ``[-1, 1]``: a posterior sample, shifted and scaled as the VAE's config says."""
+        from diffusers.models.autoencoders.vae import DiagonalGaussianDistribution
+
+        latents = DiagonalGaussianDistribution(self.posterior_parameters(images, keys)).sample(generator)
+        config = self.vae.config
+        shift = getattr(config, "shift_factor", None) or 0.0
+        return ((latents - shift) * config.scaling_factor).to(self.unet.dtype)
+
+    @override
+    def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids = batch.get("input_ids")
+        if input_ids is None:
+            input_ids = self.tokenize(batch["captions"])
+        return self.encode_images(batch["images"], generator, batch.get("keys")), input_ids.to(self.device)
+
+    @override
+    def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
+        hidden = self.encode_prompt_ids(condition)
+        return self.unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
+
+    # ------------------------------------------------------------------ optimization
+
+    @override
+    def parameter_groups(self) -> list[dict[str, Any]]:
+        text_ids = {id(p) for p in self.text_encoder.parameters()}
+        groups: list[dict[str, Any]] = []
+        for params, lr in (
+            ([p for p in self.parameters() if p.requires_grad and id(p) not in text_ids], self.learning_rate),
+            ([p for p in self.text_encoder.parameters() if p.requires_grad], self.text_encoder_learning_rate),
+        ):
+            lr = lr or self.learning_rate
+            decay = [p for p in params if p.ndim > 1]
+            no_decay = [p for p in params if p.ndim <= 1]
+            if decay:
+                groups.append({"params": decay, "lr": lr})
+            if no_decay:
+                groups.append({"params": no_decay, "lr": lr, "weight_decay": 0.0})
+        if not groups:
+            raise ValueError(f"training_mode={self.training_mode!r} leaves no parameter to train.")
+        return groups
+
+    @override
+    def on_fit_start(self) -> None:
+        super().on_fit_start()
+        data = getattr(self.trainer, "datamodule", None)
+        if self.latent_cache_dir and (getattr(data, "random_flip", False) or not getattr(data, "center_crop", True)):
+            raise ValueError(
+                f"latent_cache_dir={self.latent_cache_dir!r} caches one latent per image, which would freeze the "
+                "data module's random crop/flip; set center_crop: true and random_flip: false, or drop the cache."
+            )
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def trainable_keys(self) -> set[str]:
+        """State-dict keys of the parameters being trained: all that checkpoints hold."""
+        return {name for name, param in self.named_parameters() if param.requires_grad}
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        keep = self.trainable_keys()
+        for field in ("state_dict", "current_model_state"):
+            if field in checkpoint:
+                checkpoint[field] = {k: v for k, v in checkpoint[field].items() if k in keep}
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Complete the checkpoint's weights with the frozen ones, rebuilt from their source by ``__init__``."""
+        super().on_load_checkpoint(checkpoint)
+        keep = self.trainable_keys()
+        frozen = {k: v for k, v in self.state_dict().items() if k not in keep}
+        for field in ("state_dict", "current_model_state"):
+            if field in checkpoint:
+                missing = sorted(keep - set(checkpoint[field]))
+                if missing:
+                    raise KeyError(
+                        f"the checkpoint's {field} lacks {len(missing)} trained weight(s) of this "
+                        f"training_mode={self.training_mode!r}, e.g. {missing[:3]}."
+                    )
+                checkpoint[field] = {**frozen, **checkpoint[field]}
+
+    # ------------------------------------------------------------------ pipelines and export
+
+    @override
+    def build_pipeline(self, scheduler: str | None = None) -> Any:
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline(
+            vae=self.vae,
+            text_encoder=self.text_encoder,
+            tokenizer=self.tokenizer,
+            unet=self.unet,
+            scheduler=self.sampling_scheduler(scheduler),
+            safety_checker=None,
+            feature_extractor=None,
+            requires_safety_checker=False,
+        )
+
+    def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
+        """The adapters in diffusers' layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``)."""
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))}
+        if self.lora_text_encoder:
+            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
+                get_peft_model_state_dict(self.text_encoder)
+            )
+        return layers
+
+    def base_components(self) -> dict[str, Any]:
+        """Fresh, adapter-free components from this module's source (the pretrained folder or the config)."""
+        hparams = self.hparams
+        if hparams.get("pretrained"):
+            return load_components(hparams["pretrained"], hparams.get("revision"), hparams.get("variant"))
+        return build_components(hparams.get("components"))
+
+    @override
+    def export_pipeline(
+        self, path: str | os.PathLike[str], scheduler: str | None = None, merge_lora: bool = False
+    ) -> Path:
+        """Write a pipeline folder, atomically.
+
+        ``full`` and ``text_encoder`` modes write a complete ``StableDiffusionPipeline`` folder. ``lora``
+        mode writes the adapters alone (``pytorch_lora_weights.safetensors``, loadable with
+        ``load_lora_weights`` on the base model), or with ``merge_lora`` a complete pipeline whose
+        weights have the adapters fused in (built on fresh base components, so no adapter layer
+        names reach the saved weights).
+        """
+        if self.training_mode != "lora":
+            return super().export_pipeline(path, scheduler)
+        from diffusers import StableDiffusionPipeline
+
+        with atomic_directory(path) as tmp:
+            StableDiffusionPipeline.save_lora_weights(tmp, **self.lora_state_dicts(), safe_serialization=True)
+            if merge_lora:
+                parts = self.base_components()
+                parts["scheduler"] = self.sampling_scheduler(scheduler)
+                merged = StableDiffusionPipeline(
+                    **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+                )
+                merged.load_lora_weights(tmp)
+                merged.fuse_lora()
+                merged.unload_lora_weights()
+                (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
+                merged.save_pretrained(tmp, safe_serialization=True)
+        return Path(path)
+
+    # ------------------------------------------------------------------ validation images
+
+    @torch.no_grad()
+    def generate(
+        self,
+        prompts: list[str],
+        negative_prompts: list[str] | None = None,
+        seed: int = 0,
+        num_inference_steps: int | None = None,
+        guidance_scale: float | None = None,
+    ) -> torch.Tensor:
+        """Images ``(B, 3, H, W)`` in ``[0, 1]`` for ``prompts``; image ``i`` from seed ``seed + i``."""
+        pipeline = self.build_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        negative = negative_prompts or None
+        if negative is not None and len(negative) == 1:
+            negative = negative * len(prompts)
+        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
+        out = pipeline(
+            prompt=list(prompts),
+            negative_prompt=negative,
+            num_inference_steps=num_inference_steps or self.num_inference_steps,
+            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
+            generator=generators,
+            height=self.image_size,
+            width=self.image_size,
+            output_type="pt",
+        )
+        return out.images.float().cpu()
+
+    @override
+    def on_validation_epoch_end(self) -> None:
+        if self.validation_prompts and not self.trainer.sanity_checking:
+            self._log_validation_images()
+
+    @rank_zero_only
+    def _log_validation_images(self) -> None:
+        from diffusion_lightning.callbacks.samples import sampling_mode
+        from diffusion_lightning.loggers.media import log_image
+        from diffusion_lightning.utils.images import label_grid, make_grid, to_pil
+
+        with sampling_mode(self), torch.random.fork_rng(devices=[]):
+            images = self.generate(self.validation_prompts, self.validation_negative_prompts, self.validation_seed)
+        grid = make_grid(images, nrow=len(images))
+        log_image(self.trainer, "validation/samples", grid)
+        folder = Path(self.trainer.default_root_dir) / "validation" / f"step={self.global_step:06d}"
+        folder.mkdir(parents=True, exist_ok=True)
+        label_grid(grid, None, scale=max(1, 256 // self.image_size)).save(folder / "samples.png")
+        for i, (image, prompt) in enumerate(zip(images, self.validation_prompts)):
+            to_pil(image).save(folder / f"{i:02d}.png")
+            (folder / f"{i:02d}.txt").write_text(prompt + "\n")

@@ -1,0 +1,212 @@
+"""The components of a latent text-to-image model: loaded from a pretrained folder or built from config.
+
+A Stable Diffusion checkpoint is five parts (``unet``, ``vae``, ``text_encoder``, ``tokenizer``,
+``scheduler``), each in its own subfolder of a diffusers pipeline folder or hub repository.
+:func:`load_components` reads them with ``from_pretrained(..., subfolder=...)``;
+:func:`build_components` builds small random ones from keyword dictionaries (what the tests and
+``configs/smoke/sd_tiny.yaml`` use), seeded so that building twice gives the same weights.
+:func:`write_byte_level_tokenizer` writes a working CLIP tokenizer (byte-level BPE over the 256
+byte symbols, a handful of merges) without downloading a vocabulary.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = [
+    "SUBFOLDERS",
+    "LatentComponents",
+    "build_components",
+    "load_components",
+    "write_byte_level_tokenizer",
+]
+
+#: Subfolders of a Stable Diffusion pipeline folder that the latent module reads.
+SUBFOLDERS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
+
+BOS, EOS = "<|startoftext|>", "<|endoftext|>"
+#: A few merges so that tokenization is real BPE (common words of digit captions).
+MERGES = ("t h", "th e</w>", "o f</w>", "d i", "di g", "i t</w>", "dig it</w>", "h a", "n d")
+
+
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's map from the 256 byte values to printable characters (the alphabet of byte-level BPE)."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    chars = printable[:]
+    extra = 0
+    for byte in range(256):
+        if byte not in printable:
+            printable.append(byte)
+            chars.append(256 + extra)
+            extra += 1
+    return dict(zip(printable, (chr(c) for c in chars)))
+
+
+def write_byte_level_tokenizer(folder: str | os.PathLike[str], model_max_length: int = 77) -> Path:
+    """Write a CLIP tokenizer over raw bytes (any text tokenizes; ~530 tokens) to ``folder``.
+
+    Real checkpoints ship a 49k-token vocabulary; this one exists so that tiny models run
+    offline with the real ``CLIPTokenizer`` code path.
+    """
+    from transformers import CLIPTokenizer
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    characters = list(_bytes_to_unicode().values())
+    tokens = characters + [c + "</w>" for c in characters]
+    for merge in MERGES:
+        merged = merge.replace(" ", "")
+        if merged not in tokens:
+            tokens.append(merged)
+    tokens += [BOS, EOS]
+    (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
+    tokenizer = CLIPTokenizer(
+        vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=model_max_length
+    )
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+@functools.cache
+def _byte_level_tokenizer_folder(model_max_length: int) -> Path:
+    return write_byte_level_tokenizer(Path(tempfile.mkdtemp(prefix="byte-level-tokenizer-")), model_max_length)
+
+
+def _tiny_unet() -> dict[str, Any]:
+    return {
+        "sample_size": 8,
+        "block_out_channels": [16, 32],
+        "layers_per_block": 1,
+        "down_block_types": ["CrossAttnDownBlock2D", "DownBlock2D"],
+        "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D"],
+        "cross_attention_dim": 32,
+        "attention_head_dim": 4,
+        "norm_num_groups": 8,
+    }
+
+
+def _tiny_vae() -> dict[str, Any]:
+    return {
+        "block_out_channels": [8, 16],
+        "down_block_types": ["DownEncoderBlock2D", "DownEncoderBlock2D"],
+        "up_block_types": ["UpDecoderBlock2D", "UpDecoderBlock2D"],
+        "latent_channels": 4,
+        "norm_num_groups": 4,
+        "layers_per_block": 1,
+    }
+
+
+def _tiny_text_encoder() -> dict[str, Any]:
+    return {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4}
+
+
+@dataclass
+class LatentComponents:
+    """Keyword arguments of each part of a latent text-to-image model built from scratch.
+
+    The defaults make a model small enough to train on a CPU in seconds: a 2-level
+    ``UNet2DConditionModel`` with cross-attention at the first level, a 2-level ``AutoencoderKL``
+    (one downsampling: 8x8 latents for 16x16 images), a 2-layer ``CLIPTextModel`` and the
+    byte-level tokenizer.
+    """
+
+    unet: dict[str, Any] = field(default_factory=_tiny_unet)
+    """``UNet2DConditionModel`` arguments (``in_channels``/``out_channels`` follow the VAE's latents,
+    ``cross_attention_dim`` the text encoder's width)."""
+    vae: dict[str, Any] = field(default_factory=_tiny_vae)
+    """``AutoencoderKL`` arguments."""
+    text_encoder: dict[str, Any] = field(default_factory=_tiny_text_encoder)
+    """``CLIPTextConfig`` arguments (vocabulary size, token ids and positions follow the tokenizer)."""
+    tokenizer: str = "byte-level"
+    """A tokenizer folder, or ``byte-level`` for :func:`write_byte_level_tokenizer`'s."""
+    model_max_length: int = 77
+    """Maximum prompt length in tokens of the ``byte-level`` tokenizer."""
+    scheduler: dict[str, Any] = field(default_factory=dict)
+    """``DDPMScheduler`` arguments (the module's noise-schedule arguments apply on top)."""
+    seed: int = 0
+    """Seed of the random initialisation: the same config always builds the same weights."""
+
+
+def build_components(config: LatentComponents | dict[str, Any] | None = None) -> dict[str, Any]:
+    """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` built from ``config``."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+
+    if config is None:
+        config = LatentComponents()
+    elif isinstance(config, dict):
+        config = LatentComponents(**config)
+    if config.tokenizer == "byte-level":
+        tokenizer = CLIPTokenizer.from_pretrained(_byte_level_tokenizer_folder(config.model_max_length))
+    else:
+        if not Path(config.tokenizer).is_dir():
+            raise FileNotFoundError(f"components.tokenizer={config.tokenizer!r} is not a folder (or 'byte-level').")
+        tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer)
+    text_config = CLIPTextConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **config.text_encoder,
+        }
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)
+        vae = AutoencoderKL(**config.vae)
+        text_encoder = CLIPTextModel(text_config)
+        unet_kwargs = {
+            "in_channels": vae.config.latent_channels,
+            "out_channels": vae.config.latent_channels,
+            "cross_attention_dim": text_config.hidden_size,
+            **config.unet,
+        }
+        unet = UNet2DConditionModel(**unet_kwargs)
+    scheduler = DDPMScheduler(**config.scheduler)
+    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _check_subfolders(pretrained: str) -> None:
+    root = Path(pretrained)
+    if not root.exists():
+        return  # a hub id: from_pretrained resolves (and reports) it
+    if not root.is_dir():
+        raise FileNotFoundError(f"pretrained={pretrained!r} is a file; expected a pipeline folder or a hub id.")
+    missing = [name for name in SUBFOLDERS if not (root / name).is_dir()]
+    if missing:
+        raise FileNotFoundError(
+            f"pretrained={pretrained!r} lacks the subfolder(s) {missing}; a Stable Diffusion pipeline folder has "
+            f"{list(SUBFOLDERS)} (as written by StableDiffusionPipeline.save_pretrained)."
+        )
+
+
+def load_components(
+    pretrained: str, revision: str | None = None, variant: str | None = None, torch_dtype: Any = None
+) -> dict[str, Any]:
+    """The five components of a Stable Diffusion pipeline folder or hub repository."""
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTokenizer
+
+    _check_subfolders(pretrained)
+    common: dict[str, Any] = {"revision": revision}
+    weights: dict[str, Any] = {**common, "variant": variant}
+    if torch_dtype is not None:
+        weights["torch_dtype"] = torch_dtype
+    return {
+        "tokenizer": CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
+        "text_encoder": CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
+        "vae": AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
+        "unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
+        "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
+    }
