@@ -11,7 +11,6 @@ checkpoint is loaded.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 from typing import Any
@@ -22,8 +21,15 @@ from typing_extensions import override
 
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
-from diffusion_lightning.nets.latent import LatentComponents, build_components, load_components
+from diffusion_lightning.nets.latent import (
+    LatentComponents,
+    build_components,
+    fused_lora_pipeline,
+    load_components,
+    lora_layers,
+)
 from diffusion_lightning.utils.io import atomic_directory
+from diffusion_lightning.utils.latent_cache import LatentCache
 
 __all__ = ["TRAINING_MODES", "LatentDiffusionModule"]
 
@@ -171,7 +177,7 @@ class LatentDiffusionModule(DiffusionModule):
         self._set_attention(attention)
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
-        self._vae_fingerprint: str | None = None
+        self._latent_cache: LatentCache | None = None
 
     # ------------------------------------------------------------------ set-up
 
@@ -266,32 +272,17 @@ class LatentDiffusionModule(DiffusionModule):
     def posterior_parameters(self, images: torch.Tensor, keys: list[str] | None = None) -> torch.Tensor:
         """The VAE posterior's ``(mean, logvar)`` of each image, from the latent cache when enabled."""
         images = images.to(self.device, self.vae.dtype)
-        if not self.latent_cache_dir or keys is None:
-            return self.vae.encode(images).latent_dist.parameters
-        folder = Path(self.latent_cache_dir) / self._vae_id() / f"{images.shape[-2]}x{images.shape[-1]}"
-        paths = [folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" for key in keys]
-        missing = [i for i, path in enumerate(paths) if not path.is_file()]
-        fresh = self.vae.encode(images[missing]).latent_dist.parameters if missing else None
-        parameters = []
-        for i, path in enumerate(paths):
-            if i in missing:
-                assert fresh is not None
-                value = fresh[missing.index(i)].detach().cpu().clone()
-                folder.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(value, tmp)
-                os.replace(tmp, path)
-                parameters.append(value)
-            else:
-                parameters.append(torch.load(path, map_location="cpu", weights_only=True))
-        return torch.stack(parameters).to(self.device)
 
-    def _vae_id(self) -> str:
-        if self._vae_fingerprint is None:
+        def encode(x: torch.Tensor) -> torch.Tensor:
+            return self.vae.encode(x).latent_dist.parameters
+
+        if not self.latent_cache_dir or keys is None:
+            return encode(images)
+        if self._latent_cache is None:
             from diffusion_lightning.metrics.features import state_fingerprint
 
-            self._vae_fingerprint = f"vae-{state_fingerprint(self.vae)}"
-        return self._vae_fingerprint
+            self._latent_cache = LatentCache(self.latent_cache_dir, f"vae-{state_fingerprint(self.vae)}")
+        return self._latent_cache.get(images, list(keys), encode).to(self.device)
 
     def encode_images(
         self, images: torch.Tensor, generator: torch.Generator | None = None, keys: list[str] | None = None
@@ -396,15 +387,7 @@ class LatentDiffusionModule(DiffusionModule):
 
     def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
         """The adapters in diffusers' layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``)."""
-        from diffusers.utils import convert_state_dict_to_diffusers
-        from peft.utils import get_peft_model_state_dict
-
-        layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(self.unet))}
-        if self.lora_text_encoder:
-            layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(
-                get_peft_model_state_dict(self.text_encoder)
-            )
-        return layers
+        return lora_layers(self.unet, self.text_encoder if self.lora_text_encoder else None)
 
     def base_components(self) -> dict[str, Any]:
         """Fresh, adapter-free components from this module's source (the pretrained folder or the config)."""
@@ -432,14 +415,8 @@ class LatentDiffusionModule(DiffusionModule):
         with atomic_directory(path) as tmp:
             StableDiffusionPipeline.save_lora_weights(tmp, **self.lora_state_dicts(), safe_serialization=True)
             if merge_lora:
-                parts = self.base_components()
-                parts["scheduler"] = self.sampling_scheduler(scheduler)
-                merged = StableDiffusionPipeline(
-                    **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-                )
-                merged.load_lora_weights(tmp)
-                merged.fuse_lora()
-                merged.unload_lora_weights()
+                parts = {**self.base_components(), "scheduler": self.sampling_scheduler(scheduler)}
+                merged = fused_lora_pipeline(parts, tmp)
                 (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
                 merged.save_pretrained(tmp, safe_serialization=True)
         return Path(path)

@@ -25,7 +25,9 @@ __all__ = [
     "SUBFOLDERS",
     "LatentComponents",
     "build_components",
+    "fused_lora_pipeline",
     "load_components",
+    "lora_layers",
     "write_byte_level_tokenizer",
 ]
 
@@ -210,3 +212,37 @@ def load_components(
         "unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
         "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
     }
+
+
+def lora_layers(unet: Any, text_encoder: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+    """peft adapters in diffusers' LoRA layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``).
+
+    What ``StableDiffusionPipeline.save_lora_weights`` takes. The text encoder's adapters were
+    injected with peft directly (``inject_adapter_in_model``), so they are read from its state
+    dict, dropping the adapter name as ``get_peft_model_state_dict`` would.
+    """
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    if text_encoder is not None:
+        adapters = {k.replace(".default", ""): v.detach() for k, v in text_encoder.state_dict().items() if "lora_" in k}
+        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(adapters)
+    return layers
+
+
+def fused_lora_pipeline(parts: dict[str, Any], lora_dir: str | os.PathLike[str]) -> Any:
+    """A ``StableDiffusionPipeline`` of adapter-free ``parts`` with the LoRA in ``lora_dir`` fused into its weights.
+
+    Loading, fusing and unloading through diffusers leaves plain weights (no peft ``base_layer``
+    wrappers), so the pipeline saves to a folder that ``from_pretrained`` loads as a base model.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    pipeline = StableDiffusionPipeline(
+        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipeline.load_lora_weights(lora_dir)
+    pipeline.fuse_lora()
+    pipeline.unload_lora_weights()
+    return pipeline

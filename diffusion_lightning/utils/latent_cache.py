@@ -1,0 +1,58 @@
+"""A disk cache of VAE posteriors, so a latent model encodes each training image once.
+
+Each entry is the posterior's ``(mean, logvar)`` of one image (not a sample of it): the training
+step still draws a fresh latent from it with its own seeded generator, exactly as if the VAE had
+run. Entries live under ``<root>/<vae id>/<H>x<W>/<sha1 of the image key>.pt``, so another VAE or
+another resolution never reads a stale entry, and each file appears in one rename.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+
+__all__ = ["LatentCache"]
+
+
+class LatentCache:
+    """Posterior parameters by image key, computed with ``encode`` on a miss.
+
+    Args:
+        root: Folder of the cache.
+        vae_id: Names the VAE's weights (a hash), part of every entry's path.
+    """
+
+    def __init__(self, root: str | os.PathLike[str], vae_id: str) -> None:
+        self.root = Path(root)
+        self.vae_id = vae_id
+
+    def paths(self, keys: list[str], height: int, width: int) -> list[Path]:
+        folder = self.root / self.vae_id / f"{height}x{width}"
+        return [folder / f"{hashlib.sha1(key.encode()).hexdigest()}.pt" for key in keys]
+
+    def get(
+        self, images: torch.Tensor, keys: list[str], encode: Callable[[torch.Tensor], torch.Tensor]
+    ) -> torch.Tensor:
+        """``(B, 2C, h, w)`` posterior parameters of ``images``; only the missing ones go through ``encode``."""
+        if len(keys) != images.shape[0]:
+            raise ValueError(f"keys has {len(keys)} entries for {images.shape[0]} images.")
+        paths = self.paths(keys, images.shape[-2], images.shape[-1])
+        missing = [i for i, path in enumerate(paths) if not path.is_file()]
+        fresh = encode(images[missing]).detach().cpu() if missing else None
+        parameters = []
+        for i, path in enumerate(paths):
+            if i in missing:
+                assert fresh is not None
+                value = fresh[missing.index(i)].clone()
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(f".{os.getpid()}.tmp")
+                torch.save(value, tmp)
+                os.replace(tmp, path)
+            else:
+                value = torch.load(path, map_location="cpu", weights_only=True)
+            parameters.append(value)
+        return torch.stack(parameters)
