@@ -14,7 +14,9 @@ from diffusion_lightning.modules import (
     DiffusionModule,
     DiffusionStepOutput,
     DigitClassifier,
+    KnowledgeDistillationModule,
     LatentDiffusionModule,
+    ProgressiveDistillationModule,
 )
 from diffusion_lightning.nets import ClassConditionedUnet, LatentComponents, UNetConfig, build_unet
 from diffusion_lightning.optim import WarmupCosineLR
@@ -38,6 +40,7 @@ __all__ = [
     "CIFAR10DataModule",
     "ImageCaptionDataModule",
     "ClassConditionedDDPM",
+    "KnowledgeDistillationModule",
     "LatentComponents",
     "LatentDiffusionModule",
     "ClassConditionedPipeline",
@@ -48,6 +51,7 @@ __all__ = [
     "DiffusionStepOutput",
     "DigitClassifier",
     "MNISTDataModule",
+    "ProgressiveDistillationModule",
     "UNetConfig",
     "WarmupCosineLR",
     "__version__",

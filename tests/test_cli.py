@@ -41,12 +41,31 @@ def local_sd(tmp_path_factory) -> list[str]:
     ]  # fmt: skip
 
 
-def config_args(config: Path, local_sd: list[str] | None = None) -> list[str]:
+@pytest.fixture(scope="module")
+def local_teacher(tmp_path_factory) -> list[str]:
+    """Points the distillation configs at a small local 28x28 MNIST teacher instead of the demo's run."""
+    from diffusion_lightning.nets import UNetConfig, build_unet
+    from diffusion_lightning.schedulers import make_scheduler, training_scheduler
+
+    torch.manual_seed(0)
+    unet = build_unet(UNetConfig(block_out_channels=(16, 32), norm_num_groups=4), sample_size=28, in_channels=1,
+                      num_classes=10)  # fmt: skip
+    scheduler = make_scheduler("ddim", training_scheduler(prediction_type="v_prediction"))
+    folder = tmp_path_factory.mktemp("teacher") / "pipeline"
+    ClassConditionedPipeline(unet=unet, scheduler=scheduler).save_pretrained(folder)
+    return ["--model.init_args.teacher", str(folder)]
+
+
+def config_args(config: Path, local_sd: list[str] | None = None, local_teacher: list[str] | None = None) -> list[str]:
     name = config.relative_to(REPO / "configs").as_posix()
     model = yaml.safe_load(config.read_text()).get("model") or {}
     if "class_path" in model:
-        pretrained = (model.get("init_args") or {}).get("pretrained")
-        return ["--config", str(config), *(local_sd or [] if pretrained else [])]
+        init = model.get("init_args") or {}
+        extra = [
+            *(local_sd or [] if init.get("pretrained") else []),
+            *(local_teacher or [] if init.get("teacher") else []),
+        ]
+        return ["--config", str(config), *extra]
     assert name in OVERLAY_BASES, f"{name} has no model: add it to OVERLAY_BASES with the config it extends"
     return ["--config", str(REPO / "configs" / OVERLAY_BASES[name]), "--config", str(config)]
 
@@ -57,8 +76,8 @@ def test_there_are_configs():
 
 
 @pytest.mark.parametrize("config", CONFIGS, ids=lambda p: p.relative_to(REPO / "configs").as_posix())
-def test_every_config_parses_against_the_code(config, local_sd):
-    cli = DiffusionCLI(args=config_args(config, local_sd), run=False)
+def test_every_config_parses_against_the_code(config, local_sd, local_teacher):
+    cli = DiffusionCLI(args=config_args(config, local_sd, local_teacher), run=False)
     assert cli.model is not None and cli.datamodule is not None
     # data properties reach the model through the links
     assert cli.model.num_classes == cli.datamodule.num_classes

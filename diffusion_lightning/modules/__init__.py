@@ -3,6 +3,15 @@
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
+from diffusion_lightning.modules.distill import KnowledgeDistillationModule, ProgressiveDistillationModule
 from diffusion_lightning.modules.latent import LatentDiffusionModule
 
-__all__ = ["ClassConditionedDDPM", "DigitClassifier", "DiffusionModule", "DiffusionStepOutput", "LatentDiffusionModule"]
+__all__ = [
+    "ClassConditionedDDPM",
+    "DigitClassifier",
+    "DiffusionModule",
+    "DiffusionStepOutput",
+    "LatentDiffusionModule",
+    "KnowledgeDistillationModule",
+    "ProgressiveDistillationModule",
+]
