@@ -261,7 +261,7 @@ def test_resume_mid_epoch_serves_the_remaining_batches_identically():
         current_epoch=1, fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress))
     )
     state = first.state_dict()
-    assert state == {"epoch": 1, "samples_seen": 24}
+    assert state == {"epoch": 1, "samples_seen": 24, "batches": 3}
     resumed = ImageCaptionDataModule(**kwargs)
     resumed.load_state_dict(state)
     rest = all_batches(resumed.train_dataloader(), epoch=1)

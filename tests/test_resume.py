@@ -69,7 +69,7 @@ def test_checkpoint_records_rng_states_and_module_class(tmp_path):
     saved = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
     assert {"torch", "numpy", "python"} <= set(saved["rng_states"])
     assert saved["diffusion_lightning"]["module_class"] == "diffusion_lightning.modules.ddpm.ClassConditionedDDPM"
-    assert saved["MNISTDataModule"] == {"epoch": 2, "samples_seen": 2 * 8}  # 12 steps = 5 + 5 + 2
+    assert saved["MNISTDataModule"] == {"epoch": 2, "samples_seen": 2 * 8, "batches": 2}  # 12 steps = 5 + 5 + 2
 
 
 def test_rng_states_round_trip():

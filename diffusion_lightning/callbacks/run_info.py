@@ -15,6 +15,7 @@ LightningCLI saved.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -109,12 +110,17 @@ def describe_noise_scheduler(module: Any) -> dict[str, Any] | None:
     return {"class": type(scheduler).__name__, **_jsonable(public)}
 
 
-def describe_run(trainer: pl.Trainer, pl_module: pl.LightningModule) -> dict[str, Any]:
+def describe_run(
+    trainer: pl.Trainer, pl_module: pl.LightningModule, log_dir: str | os.PathLike[str] | None = None
+) -> dict[str, Any]:
     """``{"components": ..., "noise_scheduler": ..., "cli_config": path or None}`` of a run.
 
     ``cli_config`` is the ``config.yaml`` LightningCLI saves in ``trainer.log_dir``, when it exists.
+    Reading ``trainer.log_dir`` is a broadcast under a distributed strategy, so every process must
+    call this together; code that runs on rank 0 alone passes a ``log_dir`` read earlier instead.
     """
-    cli_config = Path(trainer.log_dir) / "config.yaml" if trainer.log_dir else None
+    log_dir = trainer.log_dir if log_dir is None else log_dir
+    cli_config = Path(log_dir) / "config.yaml" if log_dir else None
     return {
         "components": describe_components(pl_module),
         "noise_scheduler": describe_noise_scheduler(pl_module),

@@ -47,6 +47,7 @@ class RunSummary(Callback):
         self.log_description = log_description
         self._start: float | None = None
         self._start_step = 0
+        self._log_dir: str | None = None  # trainer.log_dir, read by every process when fitting starts
 
     def _target(self, trainer: pl.Trainer) -> Path:
         return Path(self.path) if self.path else Path(trainer.default_root_dir) / "metrics.json"
@@ -54,6 +55,8 @@ class RunSummary(Callback):
     @override
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._start = time.perf_counter()
+        # A broadcast under a distributed strategy: read here, where every process is, not in the rank-0 write.
+        self._log_dir = trainer.log_dir or ""
 
     @override
     def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -87,12 +90,18 @@ class RunSummary(Callback):
             ),
             "last_model_path": getattr(checkpoint, "last_model_path", None) or None,
             "pid": os.getpid(),
-            **describe_run(trainer, trainer.lightning_module),
+            **describe_run(trainer, trainer.lightning_module, log_dir=self._summary_log_dir(trainer)),
         }
         diffusion = next((cb for cb in trainer.callbacks if isinstance(cb, DiffusionMetricsLogger)), None)
         if diffusion is not None:
             summary["diffusion"] = diffusion.summary()
         return summary
+
+    def _summary_log_dir(self, trainer: pl.Trainer) -> str:
+        """Where LightningCLI saved ``config.yaml``, without a collective ("" when unknown)."""
+        if self._log_dir is None and trainer.world_size == 1:
+            return trainer.log_dir or ""  # outside fit with one process: no other process to wait for
+        return self._log_dir or ""
 
     @rank_zero_only
     def _write(self, trainer: pl.Trainer, status: str) -> None:

@@ -95,8 +95,9 @@ class GradientActivationWatcher(Callback):
     ``histogram_samples`` values picked uniformly at random, so large tensors stay cheap; the
     scalars always use every value). Statistics are computed on rank 0.
 
-    Every step, on every rank, the loss and one fused norm of all gradients are checked for NaN/inf;
-    only on failure is the first parameter with a non-finite gradient looked up. Training then stops
+    Every step, on every rank, the loss and one fused norm of all gradients are checked for NaN/inf,
+    and the ranks agree on the outcome (a failure on one fails all of them, so they skip or stop
+    together); only on failure is the first parameter with a non-finite gradient looked up. Training then stops
     with :class:`NonFiniteGradientError` naming the global step and that module, or, with
     ``skip_nonfinite``, the gradients are dropped (``grad = None``: the optimizer leaves weights and
     state as they are) with a warning naming the module; non-finite weights raise in any case. A
@@ -376,11 +377,17 @@ class GradientActivationWatcher(Callback):
         params = [p for group in optimizer.param_groups for p in group["params"]]
         norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]).float()
         checks = torch.stack([norm, loss.float().sum().to(norm.device) if loss is not None else torch.zeros_like(norm)])
-        if bool(torch.isfinite(checks).all()):  # the one device sync of an ordinary step
+        finite = bool(torch.isfinite(checks).all())  # the one device sync of an ordinary step
+        # Every process takes the same decision: the losses differ between processes, and a step skipped
+        # on some of them only would let their weights drift apart (one small all-reduce under DDP).
+        if trainer.strategy.reduce_boolean_decision(finite, all=True):
             return
         step = trainer.global_step
         norm_value, loss_value = checks.tolist()
-        module, message = self._describe_nonfinite(pl_module, step, norm_value, loss_value)
+        if finite:
+            module, message = None, f"Non-finite loss or gradient on another process at global step {step}."
+        else:
+            module, message = self._describe_nonfinite(pl_module, step, norm_value, loss_value)
         if not self.skip_nonfinite:
             raise NonFiniteGradientError(message, step, module)
         with torch.no_grad():

@@ -6,12 +6,13 @@ splitting, loaders, the predict set of class labels and the resume state live he
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Iterator
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningDataModule
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 from typing_extensions import override
 
 from diffusion_lightning.utils.seeding import mix_seed
@@ -52,48 +53,103 @@ class LabelledImages(Dataset):
         return {"images": image, "labels": self.labels[index]}
 
 
-class EpochSeededSampler(Sampler[int]):
-    """A shuffling sampler whose order depends only on ``(seed, epoch)``.
+def data_parallel_shard(trainer: Any) -> tuple[int, int]:
+    """``(num_replicas, rank)`` of this process among the trainer's data-parallel processes.
 
-    Lightning calls :meth:`set_epoch` before each epoch. After a mid-epoch resume,
-    :meth:`skip_in_epoch` drops the samples the interrupted run had already consumed, once, so the
-    resumed run sees exactly the batches the uninterrupted run would have seen. torch's
-    ``RandomSampler`` draws from the global generator and cannot be replayed from a checkpoint;
-    this is why the sampler is written here.
+    Lightning's ``trainer.distributed_sampler_kwargs`` (DDP and friends); ``(1, 0)`` without a
+    trainer or with a single-device strategy.
+    """
+    kwargs = getattr(trainer, "distributed_sampler_kwargs", None) if trainer is not None else None
+    if not kwargs:
+        return 1, 0
+    return int(kwargs.get("num_replicas", 1)), int(kwargs.get("rank", 0))
+
+
+class EpochSeededSampler(DistributedSampler):
+    """A shuffling sampler whose order depends only on ``(seed, epoch)``, sharded over processes.
+
+    Each epoch has one global order, a permutation seeded by ``(seed, epoch)`` (``0..N-1`` without
+    shuffling); Lightning calls :meth:`set_epoch` before each epoch. With ``num_replicas``
+    data-parallel processes, process ``rank`` takes every ``num_replicas``-th entry of the order
+    from its rank on (the order is padded with its own start to a multiple of ``num_replicas``, as
+    torch's ``DistributedSampler`` does). The processes together thus consume the order front to
+    back: after ``b`` batches of ``B`` samples each, exactly its first ``b * B * num_replicas``
+    entries, whatever the number of processes.
+
+    After a mid-epoch resume, :meth:`skip_in_epoch` drops the samples the interrupted run had
+    already consumed from the front of the order, once, and the rest is sharded over the processes
+    of the resumed run: with as many processes as before it sees exactly the batches the
+    uninterrupted run would have seen, with another number of processes every remaining sample of
+    the epoch once. torch's ``RandomSampler`` draws from the global generator and cannot be
+    replayed from a checkpoint; this is why the sampler is written here. It is a
+    ``DistributedSampler`` so that Lightning uses it as it is under DDP instead of wrapping it in a
+    sampler that would shuffle and shard it again (``DistributedSampler.__init__`` is not used: it
+    wants a dataset).
 
     Args:
         num_samples: Size of the dataset.
         seed: Seed of the shuffling.
-        shuffle: ``False`` iterates in order (the skip still applies).
+        shuffle: ``False`` iterates in order (the skip and the sharding still apply).
+        num_replicas: Data-parallel processes sharing the epoch (>= 1).
+        rank: This process's index among them, in ``[0, num_replicas)``.
     """
 
-    def __init__(self, num_samples: int, seed: int = 0, shuffle: bool = True) -> None:
+    def __init__(
+        self, num_samples: int, seed: int = 0, shuffle: bool = True, num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        if num_replicas < 1:
+            raise ValueError(f"num_replicas={num_replicas!r} must be >= 1.")
+        if not 0 <= rank < num_replicas:
+            raise ValueError(f"rank={rank!r} must be in [0, num_replicas={num_replicas}).")
         self.num_samples = num_samples
         self.seed = seed
         self.shuffle = shuffle
+        self.num_replicas = num_replicas
+        self.rank = rank
+        self.drop_last = False
         self.epoch = 0
         self._skip: dict[int, int] = {}
 
+    @override
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def skip_in_epoch(self, epoch: int, num_samples: int) -> None:
-        """Skip the first ``num_samples`` samples the next time epoch ``epoch`` is iterated."""
+        """Skip the first ``num_samples`` samples of the global order the next time epoch ``epoch`` is iterated."""
         self._skip[epoch] = num_samples
 
-    def __iter__(self) -> Iterator[int]:
+    def order(self) -> list[int]:
+        """The global order of the current epoch (every process's samples, before sharding and skipping)."""
         if self.shuffle:
             generator = torch.Generator().manual_seed(mix_seed(self.seed, self.epoch))
-            order = torch.randperm(self.num_samples, generator=generator).tolist()
-        else:
-            order = list(range(self.num_samples))
-        return iter(order[self._skip.pop(self.epoch, 0) :])
+            return torch.randperm(self.num_samples, generator=generator).tolist()
+        return list(range(self.num_samples))
 
+    @override
+    def __iter__(self) -> Iterator[int]:
+        rest = self.order()[self._skip.pop(self.epoch, 0) :]
+        if self.num_replicas > 1 and rest:
+            padded = len(rest) + (-len(rest) % self.num_replicas)
+            rest = list(itertools.islice(itertools.cycle(rest), padded))[self.rank :: self.num_replicas]
+        return iter(rest)
+
+    @override
     def __len__(self) -> int:
-        # Always the whole epoch: Lightning sizes the loader once per fit (before set_epoch) and keeps
-        # that length for every epoch; on a mid-epoch resume its loop starts counting at the batches
-        # already processed, so the shorter iteration ends the epoch exactly where it should.
-        return self.num_samples
+        # Always this process's share of the whole epoch: Lightning sizes the loader once per fit
+        # (before set_epoch) and keeps that length for every epoch; on a mid-epoch resume its loop
+        # starts counting at the batches already processed, and the shorter iteration ends the epoch.
+        return -(-self.num_samples // self.num_replicas)
+
+
+def apply_resume(datamodule: Any, sampler: EpochSeededSampler) -> None:
+    """Make ``sampler`` skip what the run being resumed had consumed of its last epoch.
+
+    ``datamodule`` holds ``_resume`` (what ``load_state_dict`` read, handed over once) and keeps it as
+    ``_resumed_from``, the base from which ``state_dict`` counts the samples of that epoch.
+    """
+    if datamodule._resume is not None:
+        sampler.skip_in_epoch(datamodule._resume["epoch"], datamodule._resume["samples_seen"])
+        datamodule._resumed_from, datamodule._resume = datamodule._resume, None
 
 
 def stratified_split(labels: torch.Tensor, sizes: tuple[int, ...], seed: int) -> list[torch.Tensor]:
@@ -176,7 +232,8 @@ class LabelledImageDataModule(LightningDataModule):
         self.predict_samples_per_class = predict_samples_per_class
         self.datasets: dict[str, LabelledImages] = {}
         self._sampler: EpochSeededSampler | None = None
-        self._resume: dict[str, int] | None = None
+        self._resume: dict[str, int] | None = None  # loaded, not yet handed to a sampler
+        self._resumed_from: dict[str, int] | None = None  # handed to the sampler: the base of ``state_dict``
 
     def load(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """Read the source: ``{"train": (images, labels), "test": ...}``, ``uint8`` ``(N, C, H, W)``.
@@ -217,10 +274,11 @@ class LabelledImageDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        self._sampler = EpochSeededSampler(len(self.datasets["train"]), seed=self.seed)
-        if self._resume is not None:
-            self._sampler.skip_in_epoch(self._resume["epoch"], self._resume["samples_seen"])
-            self._resume = None
+        num_replicas, rank = data_parallel_shard(self.trainer)
+        self._sampler = EpochSeededSampler(
+            len(self.datasets["train"]), seed=self.seed, num_replicas=num_replicas, rank=rank
+        )
+        apply_resume(self, self._sampler)
         return self._loader(self.datasets["train"], self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
 
     @override
@@ -240,18 +298,32 @@ class LabelledImageDataModule(LightningDataModule):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        """Epoch and samples consumed in it, so a mid-epoch resume skips what was already seen."""
+        """Epoch, samples of it consumed by all processes together, and batches of it per process.
+
+        ``samples_seen`` counts the global order of :class:`EpochSeededSampler`, so a resume on
+        another number of processes skips exactly what was consumed.
+        """
         trainer = self.trainer
         if trainer is None:
-            return {"epoch": 0, "samples_seen": 0}
+            return {"epoch": 0, "samples_seen": 0, "batches": 0}
         # Checkpoints are written from on_train_batch_end, after the batch was processed but
         # before Lightning counts it completed: ``processed`` is the number of batches consumed.
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        return {"epoch": trainer.current_epoch, "samples_seen": batches * self.batch_size}
+        epoch = trainer.current_epoch
+        per_batch = self.batch_size * data_parallel_shard(trainer)[0]
+        base = self._resumed_from
+        if base is not None and base["epoch"] == epoch:  # resumed in this epoch, maybe on another number of processes
+            seen = base["samples_seen"] + (batches - base["batches"]) * per_batch
+        else:
+            seen = batches * per_batch
+        return {"epoch": epoch, "samples_seen": seen, "batches": batches}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume = {"epoch": int(state_dict["epoch"]), "samples_seen": int(state_dict["samples_seen"])}
+        seen = int(state_dict["samples_seen"])
+        # Checkpoints written before ``batches`` was stored come from one process.
+        batches = int(state_dict.get("batches", seen // self.batch_size))
+        self._resume = {"epoch": int(state_dict["epoch"]), "samples_seen": seen, "batches": batches}
 
 
 class _Labels(Dataset):

@@ -22,7 +22,14 @@ from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
 
-from diffusion_lightning.data.base import EpochSeededSampler, LabelledImageDataModule, _check_fraction, stratified_split
+from diffusion_lightning.data.base import (
+    EpochSeededSampler,
+    LabelledImageDataModule,
+    _check_fraction,
+    apply_resume,
+    data_parallel_shard,
+    stratified_split,
+)
 from diffusion_lightning.data.mnist import _embedded_digits
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.utils.seeding import mix_seed
@@ -145,8 +152,10 @@ class CaptionCollate:
 class _EpochTaggedSampler(EpochSeededSampler):
     """:class:`EpochSeededSampler` yielding ``(index, epoch)``; calls ``on_epoch_start`` first."""
 
-    def __init__(self, num_samples: int, seed: int, on_epoch_start: Callable[[], Any]) -> None:
-        super().__init__(num_samples, seed=seed)
+    def __init__(
+        self, num_samples: int, seed: int, on_epoch_start: Callable[[], Any], num_replicas: int = 1, rank: int = 0
+    ) -> None:
+        super().__init__(num_samples, seed=seed, num_replicas=num_replicas, rank=rank)
         self.on_epoch_start = on_epoch_start
 
     @override
@@ -311,6 +320,7 @@ class ImageCaptionDataModule(LightningDataModule):
         self.datasets: dict[str, ImageCaptions] = {}
         self._sampler: _EpochTaggedSampler | None = None
         self._resume: dict[str, int] | None = None
+        self._resumed_from: dict[str, int] | None = None
         self._skipped: dict[str, None] = {}
 
     def _n_val(self, n: int) -> int:
@@ -417,10 +427,11 @@ class ImageCaptionDataModule(LightningDataModule):
     @override
     def train_dataloader(self) -> DataLoader:
         self.setup("fit")
-        self._sampler = _EpochTaggedSampler(len(self.datasets["train"]), self.seed, self.report_skipped)
-        if self._resume is not None:
-            self._sampler.skip_in_epoch(self._resume["epoch"], self._resume["samples_seen"])
-            self._resume = None
+        num_replicas, rank = data_parallel_shard(self.trainer)
+        self._sampler = _EpochTaggedSampler(
+            len(self.datasets["train"]), self.seed, self.report_skipped, num_replicas=num_replicas, rank=rank
+        )
+        apply_resume(self, self._sampler)
         return self._loader(self.datasets["train"], self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
 
     @override
@@ -451,7 +462,8 @@ class ImageCaptionDataModule(LightningDataModule):
     def teardown(self, stage: str) -> None:
         self.report_skipped()
 
-    # The resume state of the labelled-image modules: the epoch and the samples consumed in it (``batch_size`` per
-    # batch, skipped images included), which ``train_dataloader`` hands to ``EpochSeededSampler.skip_in_epoch``.
+    # The resume state of the labelled-image modules: the epoch and the samples all processes consumed in it
+    # (``batch_size`` per batch and process, skipped images included), which ``train_dataloader`` hands to
+    # ``EpochSeededSampler.skip_in_epoch``.
     state_dict = LabelledImageDataModule.state_dict
     load_state_dict = LabelledImageDataModule.load_state_dict

@@ -5,6 +5,11 @@ torchmetrics computes these statistics in ``compute()`` from what its feature ne
 identity) as the network lets the same, tested statistics run on cached real features and on
 features of any extractor (Inception, the digit judge). The random subsets of KID and the split
 shuffle of IS are drawn from a seeded, forked RNG, so equal inputs give equal numbers.
+
+The functions take whole feature sets, so their metrics never synchronize across processes
+(``sync_on_compute=False``): under DDP a caller gathers the features first (or, as the periodic
+evaluation does, computes on rank 0 alone, where a synchronizing ``compute()`` would wait forever
+for the other processes).
 """
 
 from __future__ import annotations
@@ -51,7 +56,9 @@ def fid(real: torch.Tensor, fake: torch.Tensor) -> float:
                 FewSamplesWarning,
                 stacklevel=2,
             )
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(dim), reset_real_features=False)
+    metric = FrechetInceptionDistance(
+        feature=PrecomputedFeatures(dim), reset_real_features=False, sync_on_compute=False
+    )
     metric.update(real.double(), real=True)
     metric.update(fake.double(), real=False)
     return float(metric.compute())
@@ -69,7 +76,9 @@ def kid(
         )
     with warnings.catch_warnings():  # "will save all extracted features": that is the point, they are features
         warnings.filterwarnings("ignore", message=".*will save all extracted features.*")
-        metric = KernelInceptionDistance(feature=PrecomputedFeatures(dim), subsets=subsets, subset_size=size)
+        metric = KernelInceptionDistance(
+            feature=PrecomputedFeatures(dim), subsets=subsets, subset_size=size, sync_on_compute=False
+        )
     metric.update(real.float(), real=True)
     metric.update(fake.float(), real=False)
     with torch.random.fork_rng(devices=[]):
@@ -82,7 +91,7 @@ def inception_score(logits: torch.Tensor, splits: int = 10, seed: int = 0) -> tu
     """Inception Score (mean, std over ``splits``) from class logits of the generated images."""
     if logits.ndim != 2 or logits.shape[0] < splits:
         raise ValueError(f"logits must be (N, K) with N >= splits={splits}, got shape {tuple(logits.shape)}.")
-    metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits)
+    metric = InceptionScore(feature=PrecomputedFeatures(logits.shape[1]), splits=splits, sync_on_compute=False)
     metric.update(logits.double())
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)

@@ -61,6 +61,8 @@ class DiffusionModule(LightningModule, ABC):
     ``(seed, epoch, batch, rank)``, so an interrupted run resumed from a checkpoint draws exactly
     what the uninterrupted run would have, on any device and any number of processes. The global
     RNG states (torch, CUDA, numpy, random) are stored in checkpoints and restored on resume.
+    Under data-parallel training each process draws its own noise (the rank is a key), and the
+    logged ``train/loss``, ``val/loss`` and ``test/loss`` are means over all processes.
 
     Args:
         num_train_timesteps: Length ``T`` of the forward process.
@@ -235,7 +237,8 @@ class DiffusionModule(LightningModule, ABC):
         sample, condition = self.unpack_batch(batch, generator)
         condition = self.drop_condition(condition, generator)
         out = self.diffusion_step(sample, condition, generator)
-        self.log("train/loss", out.loss, prog_bar=True, batch_size=sample.shape[0])
+        # sync_dist: the logged loss is the mean over processes, not rank 0's alone (one all-reduce per step).
+        self.log("train/loss", out.loss, prog_bar=True, sync_dist=True, batch_size=sample.shape[0])
         return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
 
     def evaluation_output(self, batch: Any, batch_idx: int) -> DiffusionStepOutput:

@@ -125,7 +125,7 @@ class DigitClassifier(LightningModule):
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images = self._augment(batch["images"]) if self.augment else batch["images"]
         loss = F.cross_entropy(self(images), batch["labels"], label_smoothing=0.05)
-        self.log("train/loss", loss, prog_bar=True, batch_size=images.shape[0])
+        self.log("train/loss", loss, prog_bar=True, sync_dist=True, batch_size=images.shape[0])
         return loss
 
     def _evaluate(self, batch: dict[str, torch.Tensor], stage: str, metric: MulticlassAccuracy) -> None:

@@ -326,7 +326,7 @@ class KnowledgeDistillationModule(_TeacherStudentModule):
         result = super().training_step(batch, batch_idx)
         size = result["timesteps"].shape[0]
         for name, value in self._terms.items():
-            self.log(f"train/loss_{name}", value, batch_size=size)
+            self.log(f"train/loss_{name}", value, sync_dist=True, batch_size=size)
         return result
 
 
