@@ -25,13 +25,14 @@ DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channel
 
 
 def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
-    from diffusion_lightning.commands import analyze, evaluate, export, sample
+    from diffusion_lightning.commands import analyze, evaluate, export, sample, tune
 
     return {
         "analyze": ("Compare students with their teacher: MSE, trajectories, denoising, time.", analyze.main),
         "evaluate": ("Score samples (judge, FID/KID, precision/recall, LPIPS, CLIP) into eval/.", evaluate.main),
         "sample": ("Generate a labelled grid and per-image PNGs from a checkpoint or pipeline.", sample.main),
         "export": ("Write a diffusers pipeline folder from a checkpoint.", export.main),
+        "tune": ("Optuna hyperparameter search over a fit config (trials are real fits).", tune.main),
     }
 
 

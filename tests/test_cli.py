@@ -14,7 +14,8 @@ from diffusion_lightning import ClassConditionedPipeline, LatentDiffusionModule
 from diffusion_lightning.cli import DiffusionCLI, main
 from tests.conftest import REPO
 
-CONFIGS = sorted((REPO / "configs").rglob("*.yaml"))
+#: Fit configs (configs/search/ holds search files of `tune`, checked against their base configs in test_tune.py).
+CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.relative_to(REPO / "configs").parts[0] != "search")
 #: Second configs that add to a model config (``--config model.yaml --config overlay.yaml``), with the base to test on.
 OVERLAY_BASES = {"callbacks/default.yaml": "ddpm_mnist.yaml", "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml"}
 
