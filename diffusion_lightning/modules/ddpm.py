@@ -12,6 +12,16 @@ from diffusion_lightning.nets.unet import UNetConfig, build_unet
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
 
 
+def drop_class_labels(
+    labels: torch.Tensor, p_uncond: float, null_class: int, generator: torch.Generator
+) -> torch.Tensor:
+    """Replace each label by ``null_class`` with probability ``p_uncond`` (classifier-free guidance training)."""
+    if p_uncond == 0:
+        return labels
+    drop = torch.rand(labels.shape, generator=generator, device=labels.device) < p_uncond
+    return torch.where(drop, torch.full_like(labels, null_class), labels)
+
+
 class ClassConditionedDDPM(DiffusionModule):
     """A class-conditioned denoiser trained for classifier-free guidance.
 
@@ -69,10 +79,7 @@ class ClassConditionedDDPM(DiffusionModule):
 
     @override
     def drop_condition(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.p_uncond == 0:
-            return condition
-        drop = torch.rand(condition.shape, generator=generator, device=condition.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(condition, self.num_classes), condition)
+        return drop_class_labels(condition, self.p_uncond, self.num_classes, generator)
 
     @override
     def build_pipeline(self, scheduler: str | None = None) -> ClassConditionedPipeline:

@@ -29,6 +29,7 @@ from typing_extensions import override
 
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
+from diffusion_lightning.modules.ddpm import drop_class_labels
 from diffusion_lightning.nets.unet import num_classes_of
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
 
@@ -147,10 +148,7 @@ class _TeacherStudentModule(DiffusionModule):
 
     @override
     def drop_condition(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
-        if self.p_uncond == 0:
-            return condition
-        drop = torch.rand(condition.shape, generator=generator, device=condition.device) < self.p_uncond
-        return torch.where(drop, torch.full_like(condition, self.num_classes), condition)
+        return drop_class_labels(condition, self.p_uncond, self.num_classes, generator)
 
     @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
