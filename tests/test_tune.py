@@ -311,3 +311,20 @@ def test_rerun_continues_without_repeating_finished_trials(smoke_study, tmp_path
     settings = TuneSettings(configs=[str(SMOKE_CONFIG)], search=str(SMOKE_SEARCH), n_trials=6, out=str(tmp_path),
                             storage=storage, preflight=False)  # fmt: skip
     assert len(tune(settings).get_trials()) == 6
+
+
+def test_a_resumed_seeded_study_does_not_replay_its_first_draws(tmp_path):
+    storage = sqlite_url(tmp_path / "study.db")
+
+    def run(n_trials: int) -> list[optuna.trial.FrozenTrial]:
+        settings = TuneSettings(
+            configs=[str(SMOKE_CONFIG)], search=str(SMOKE_SEARCH), n_trials=n_trials, out=str(tmp_path),
+            storage=storage, seed=7, sampler="random", preflight=False,
+        )  # fmt: skip
+        return tune(settings).get_trials()
+
+    first = run(2)
+    trials = run(4)
+    assert [t.params for t in trials[:2]] == [t.params for t in first]
+    drawn_again = [t.params["model.init_args.p_uncond"] for t in trials[2:]]
+    assert not set(drawn_again) & {t.params["model.init_args.p_uncond"] for t in first}

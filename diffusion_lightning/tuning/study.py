@@ -237,6 +237,11 @@ def tune(settings: TuneSettings) -> optuna.Study:
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         optuna.storages.fail_stale_trials(study)
 
+    existing = len(study.get_trials(deepcopy=False))
+    if existing and settings.seed is not None:
+        # A seeded sampler restarted on a study that has trials would replay the draws of its first
+        # run (TPE's start-up trials are random): continue from a seed the earlier runs did not use.
+        study.sampler = make_sampler(settings.sampler, settings.seed + existing)
     finished = len(study.get_trials(deepcopy=False, states=FINISHED))
     remaining = max(0, settings.n_trials - finished)
     log.info(
