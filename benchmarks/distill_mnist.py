@@ -6,9 +6,10 @@
    (``KnowledgeDistillationModule``, alpha 0.5, EMA) trains for ``--minutes`` of wall time on the
    embedded digits; then parameters, MACs, latency per forward and judge accuracy / domain FID /
    recall (``--n-samples``, DPM-Solver++ 20 steps, guidance 2) are printed beside the teacher's.
-2. Progressive distillation: ``ProgressiveDistillationModule`` from 64 DDIM steps down to 4
-   (``--steps-per-round`` per halving); each round's exported student is scored with DDIM at its
-   step count, beside the teacher at 64 and at 4 DDIM steps.
+2. Progressive distillation: ``ProgressiveDistillationModule`` from 64 DDIM steps down to
+   ``64 / 2**rounds`` (``--rounds``, default 4: 4 steps; ``--steps-per-round`` per halving); each
+   round's exported student is scored with DDIM (trailing spacing) at its step count, beside the
+   teacher at every one of those step counts.
 
 Writes OUT/results.json (default outputs/bench/distill_mnist). Needs the demo teacher (make demo)
 and trains the digit judge if it is missing.
@@ -117,7 +118,8 @@ def main() -> None:
         # The teacher is scored with the students' DDIM (trailing spacing), so only the weights differ.
         reference = ClassConditionedPipeline(unet=teacher.unet, scheduler=module.sampling_scheduler("ddim"))
         rows = []
-        for steps in (args.teacher_steps, args.teacher_steps // 2**args.rounds):
+        # the teacher at every step count a student gets, so each student has its like-for-like row
+        for steps in [args.teacher_steps // 2**r for r in range(args.rounds + 1)]:
             rows.append({"model": "teacher", "ddim_steps": steps, **score(evaluator, reference, steps, "ddim")})
             print(rows[-1], flush=True)
         start = time.perf_counter()
