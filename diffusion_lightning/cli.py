@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import os
 import sys
+from argparse import RawDescriptionHelpFormatter
 from collections.abc import Callable, Sequence
 from typing import Any
 
+from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
@@ -62,6 +64,7 @@ class DiffusionCLI(LightningCLI):
         parser_kwargs = kwargs.setdefault("parser_kwargs", {})
         parser_kwargs.setdefault("description", "Train and evaluate diffusion models.")
         parser_kwargs.setdefault("epilog", _epilog())
+        parser_kwargs.setdefault("formatter_class", _HelpFormatter)
         self.run_plan: RunPlan | None = None
         super().__init__(*args, **kwargs)
 
@@ -126,6 +129,10 @@ class DiffusionCLI(LightningCLI):
         if fork_from is not None:
             kwargs["ckpt_path"] = fork_from
         self.trainer.fit(model, **kwargs)
+
+
+class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):
+    """jsonargparse's help formatter that keeps the epilog's lines (one extra command per line)."""
 
 
 def _epilog() -> str:

@@ -97,6 +97,10 @@ def test_help_lists_the_extra_commands(capsys):
     out = capsys.readouterr().out
     for command in ("fit", "validate", "test", "predict", "sample", "export"):
         assert command in out
+    # the extra commands are listed one per line, not reflowed into a paragraph
+    lines = [line.split() for line in out.splitlines()]
+    for command in ("analyze", "evaluate", "sample", "export", "tune"):
+        assert any(words[:1] == [command] and len(words) > 2 for words in lines), command
 
 
 def test_model_help_documents_shared_training_options(capsys):
