@@ -172,6 +172,45 @@ def test_pruning_callback_prunes_out_of_fit(tmp_path):
         trainer.fit(tiny_ddpm(), torch.utils.data.DataLoader(data, batch_size=2), torch.utils.data.DataLoader(data))
 
 
+class _DDPTrainer:
+    """What the callback reads of a trainer in a data-parallel run, as one rank sees it."""
+
+    def __init__(self, rank: int, decision_of_rank_zero: list[bool]) -> None:
+        self._accelerator_connector = type("Connector", (), {"is_distributed": True})()
+        self.is_global_zero = rank == 0
+        self.sanity_checking = False
+        self.should_stop = False
+        self.global_step = 0
+        self.callback_metrics: dict[str, torch.Tensor] = {}
+        self.strategy = self
+        self._rank, self._decisions = rank, decision_of_rank_zero
+
+    def broadcast(self, value: bool) -> bool:
+        """Rank 0's value reaches every rank, as DDP's broadcast does (rank 0 runs first here)."""
+        if self._rank == 0:
+            self._decisions.append(value)
+        return self._decisions[-1]
+
+
+def test_pruning_callback_under_ddp_reports_on_rank_zero_and_stops_every_rank(tmp_path):
+    study = optuna.create_study(storage=sqlite_url(tmp_path / "s.db"), pruner=optuna.pruners.ThresholdPruner(upper=1.0))
+    trial = study.ask()
+    decisions: list[bool] = []
+    ranks = [(GlobalStepPruningCallback(trial, "val/loss"), _DDPTrainer(rank, decisions)) for rank in (0, 1)]
+    for callback, trainer in ranks:
+        callback.on_fit_start(trainer, None)
+        assert callback.is_ddp_backend
+    for step, value in ((2, 0.5), (4, 3.0)):  # the second validation crosses the threshold
+        for callback, trainer in ranks:
+            trainer.global_step, trainer.callback_metrics = step, {"val/loss": torch.tensor(value)}
+            callback.on_validation_end(trainer, None)  # no rank raises inside fit: it would hang the others
+    assert decisions == [False, True]
+    assert all(trainer.should_stop for _, trainer in ranks)
+    assert study.trials[0].intermediate_values == {2: 0.5, 4: 3.0}  # reported once, by rank 0, at global steps
+    with pytest.raises(optuna.TrialPruned):
+        ranks[0][0].check_pruned()  # after fit, the parent's check raises on every rank
+
+
 # ----------------------------------------------------------------------------- checks before any trial
 
 
