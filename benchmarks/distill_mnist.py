@@ -28,7 +28,8 @@ from lightning.pytorch import Trainer
 from diffusion_lightning import ClassConditionedPipeline, MNISTDataModule, load_module
 from diffusion_lightning.callbacks import EMA
 from diffusion_lightning.metrics import EvaluationConfig, Evaluator, load_judge
-from diffusion_lightning.modules.distill import KnowledgeDistillationModule, ProgressiveDistillationModule
+from diffusion_lightning.modules.distill import KnowledgeDistillationModule
+from diffusion_lightning.modules.progressive import ProgressiveDistillationModule
 from diffusion_lightning.nets.students import describe
 
 from _common import JUDGE_DIR, REPO, judge_checkpoint

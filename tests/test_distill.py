@@ -7,12 +7,8 @@ import torch
 from diffusers import DDIMScheduler
 
 from diffusion_lightning import ClassConditionedPipeline
-from diffusion_lightning.modules.distill import (
-    KnowledgeDistillationModule,
-    ProgressiveDistillationModule,
-    load_teacher,
-    predict_x0,
-)
+from diffusion_lightning.modules.distill import KnowledgeDistillationModule, load_teacher
+from diffusion_lightning.modules.progressive import ProgressiveDistillationModule, predict_x0
 from diffusion_lightning.nets import build_unet
 from diffusion_lightning.schedulers import make_scheduler, training_scheduler
 from tests.conftest import RandomDigits, quiet_trainer, tiny_config

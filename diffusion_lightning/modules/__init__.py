@@ -3,8 +3,9 @@
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
-from diffusion_lightning.modules.distill import KnowledgeDistillationModule, ProgressiveDistillationModule
+from diffusion_lightning.modules.distill import KnowledgeDistillationModule
 from diffusion_lightning.modules.latent import LatentDiffusionModule
+from diffusion_lightning.modules.progressive import ProgressiveDistillationModule
 
 __all__ = [
     "ClassConditionedDDPM",
