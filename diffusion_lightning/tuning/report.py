@@ -9,9 +9,9 @@
   ``param_importances.png``: Optuna's matplotlib plots. A plot that needs more trials than there
   are (importances need two completed trials and two parameters) is skipped with the reason logged.
 
-Each file is written to a temporary name beside it and moved into place with ``os.replace``, so an
-interrupted study never leaves a half-written file. Optuna draws the plots but writes nothing to
-disk, hence this module.
+Each file is written through :mod:`diffusion_lightning.utils.io`'s atomic writers (a temporary file
+beside it, then one rename), so an interrupted study never leaves a half-written file. Optuna
+draws the plots but writes nothing to disk, hence this module.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from diffusion_lightning.tuning.objective import format_value, parse_config
 from diffusion_lightning.tuning.space import SearchSpace
+from diffusion_lightning.utils.io import atomic_file, atomic_write_text
 
 __all__ = ["FINISHED", "PLOTS", "StudyReporter", "write_best_config", "write_reports"]
 
@@ -43,17 +44,6 @@ PLOTS = {
     "parallel_coordinate.png": "plot_parallel_coordinate",
     "param_importances.png": "plot_param_importances",
 }
-
-
-def atomic_write(path: Path, write: Callable[[Path], Any]) -> None:
-    """Call ``write(tmp)`` on a temporary file beside ``path``, then move it over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
 
 
 def write_best_config(
@@ -82,7 +72,7 @@ def write_best_config(
         header.append("# The trials also ran with these fixed values, not applied here:")
         header += [f"#   {p}: {format_value(v)}" for p, v in space.fixed.items()]
     header.append(f"# Train it: diffusion-lightning fit --config {path}")
-    atomic_write(path, lambda tmp: tmp.write_text("\n".join(header) + "\n" + body))
+    atomic_write_text(path, "\n".join(header) + "\n" + body)
     return best
 
 
@@ -106,7 +96,8 @@ def _save_plot(path: Path, function: str, study: optuna.Study) -> None:
     figure.set_size_inches(9, 5.5)
     figure.tight_layout()
     try:
-        atomic_write(path, lambda tmp: figure.savefig(tmp, format="png", dpi=100))
+        with atomic_file(path, "wb") as handle:
+            figure.savefig(handle, format="png", dpi=100)
     finally:
         plt.close(figure)
 
@@ -126,7 +117,7 @@ def write_reports(
     trials = study.get_trials(deepcopy=False)
     complete = sum(t.state == TrialState.COMPLETE for t in trials)
     jobs: list[tuple[str, Callable[[], Any]]] = [
-        ("trials.csv", lambda: atomic_write(out / "trials.csv", lambda tmp: study.trials_dataframe().to_csv(tmp))),
+        ("trials.csv", lambda: atomic_write_text(out / "trials.csv", study.trials_dataframe().to_csv())),
     ]
     if complete:
         jobs.append(("best.yaml", lambda: write_best_config(out / "best.yaml", study, configs, space)))
