@@ -27,11 +27,12 @@ from lightning.pytorch.loggers import TensorBoardLogger
 from diffusion_lightning import (
     EMA,
     ClassConditionedDDPM,
-    DiffusionMetricsLogger,
+    GenerationMonitor,
     GradientActivationWatcher,
     MNISTDataModule,
     RunSummary,
     SampleGridLogger,
+    TimestepLossLogger,
     WarmupCosineLR,
 )
 
@@ -42,7 +43,8 @@ def stack(every_n_epochs: int) -> list:
     return [
         EMA(decay=0.999, validate_raw=True),
         GradientActivationWatcher(module_types=["ResnetBlock2D"], stats=["mean", "std", "norm", "abs_mean", "hist"]),
-        DiffusionMetricsLogger(num_buckets=10, generate_every_n_epochs=every_n_epochs, num_samples=10),
+        TimestepLossLogger(num_buckets=10),
+        GenerationMonitor(every_n_epochs=every_n_epochs, num_samples=10),
         SampleGridLogger(every_n_epochs=every_n_epochs, num_per_class=4),
         EarlyStopping(monitor="val/loss", mode="min", patience=5),
         LearningRateMonitor(logging_interval="step"),

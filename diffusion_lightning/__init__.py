@@ -3,10 +3,16 @@
 from diffusion_lightning.callbacks import (
     EMA,
     AttentionHeatmapLogger,
+    CrossAttentionHeatmapLogger,
     DiffusionMetricsLogger,
+    GenerationMonitor,
     GradientActivationWatcher,
+    PeriodicEvaluation,
+    PredictionWriter,
     RunSummary,
     SampleGridLogger,
+    SamplingCallback,
+    TimestepLossLogger,
 )
 from diffusion_lightning.data import CIFAR10DataModule, ImageCaptionDataModule, MNISTDataModule
 from diffusion_lightning.modules import (
@@ -18,25 +24,35 @@ from diffusion_lightning.modules import (
     LatentDiffusionModule,
     ProgressiveDistillationModule,
 )
+from diffusion_lightning.modules.loading import load_module
 from diffusion_lightning.nets import ClassConditionedUnet, LatentComponents, UNetConfig, build_unet
 from diffusion_lightning.optim import WarmupCosineLR
 from diffusion_lightning.pipelines import (
     ClassConditionedPipeline,
     ClassConditionedPipelineOutput,
     ClassGridOutput,
+    Conditions,
+    ConditionSpec,
 )
 from diffusion_lightning.schedulers import make_scheduler
-from diffusion_lightning.utils.checkpoint import load_module
 
 __version__ = "0.1.0"
 
 __all__ = [
     "EMA",
     "AttentionHeatmapLogger",
+    "CrossAttentionHeatmapLogger",
     "DiffusionMetricsLogger",
+    "GenerationMonitor",
     "GradientActivationWatcher",
+    "PeriodicEvaluation",
+    "PredictionWriter",
     "RunSummary",
     "SampleGridLogger",
+    "SamplingCallback",
+    "TimestepLossLogger",
+    "ConditionSpec",
+    "Conditions",
     "CIFAR10DataModule",
     "ImageCaptionDataModule",
     "ClassConditionedDDPM",

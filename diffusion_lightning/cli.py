@@ -107,7 +107,12 @@ class DiffusionCLI(LightningCLI):
         # Like the callbacks of trainer_defaults, always present: every checkpoint records its lineage.
         callbacks = self.trainer_defaults.get("callbacks") or []
         callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*callbacks, RunLineage(self._fork_from())]}
+        extra: list[Any] = [RunLineage(self._fork_from())]
+        if subcommand == "predict" and not _configures(config, "PredictionWriter"):
+            from diffusion_lightning.callbacks.predictions import PredictionWriter
+
+            extra.append(PredictionWriter())  # predict writes what it generates unless the config says where
+        self.trainer_defaults = {**self.trainer_defaults, "callbacks": [*callbacks, *extra]}
 
     def _plan_fit(self, config: Any, root: str) -> Any:
         """Resume or fork: pin the logger versions and the checkpoint folder (see ``loggers.runs``)."""
@@ -129,6 +134,13 @@ class DiffusionCLI(LightningCLI):
         if fork_from is not None:
             kwargs["ckpt_path"] = fork_from
         self.trainer.fit(model, **kwargs)
+
+
+def _configures(config: Any, class_name: str) -> bool:
+    """Whether the parsed config's ``trainer.callbacks`` has a callback of that class name."""
+    callbacks = config.trainer.get("callbacks") or []
+    callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+    return any(str(getattr(c, "class_path", "") or type(c).__name__).endswith(class_name) for c in callbacks)
 
 
 class _HelpFormatter(RawDescriptionHelpFormatter, DefaultHelpFormatter):

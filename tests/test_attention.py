@@ -158,6 +158,39 @@ def test_fit_logs_heatmaps_and_statistics_to_tensorboard(tmp_path):
     assert model.training
 
 
+def test_text_to_image_unet_gives_self_and_cross_attention(tmp_path):
+    from diffusion_lightning import LatentDiffusionModule
+    from tests.test_latent import loader
+
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(validation_prompts=["a digit one", "a digit two"], num_inference_steps=2)
+    callback = AttentionHeatmapLogger(layers=["mid_block.*"], timestep_indices=[0])
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=logger, callbacks=[callback]
+    )
+    trainer.fit(module, loader(), loader())
+
+    block = "mid_block.attentions.0.transformer_blocks.0"
+    records = {r.layer: r for r in callback.record(module)}
+    assert set(records) == {f"{block}.attn1", f"{block}.attn2"}
+    self_attention, cross = records[f"{block}.attn1"], records[f"{block}.attn2"]
+    assert not self_attention.is_cross and cross.is_cross
+    rows, heads, queries, keys = self_attention.probs.shape
+    assert rows == 2 and queries == keys  # the conditional half only: one row per prompt
+    assert cross.probs.shape[-1] == module.tokenizer.model_max_length  # keys are the prompt's tokens
+    torch.testing.assert_close(self_attention.probs.sum(-1), torch.ones(rows, heads, queries))
+
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0, "scalars": 0})
+    events.Reload()
+    assert {f"attention/{block}.attn1/t=0", f"attention/{block}.attn2/t=0"} <= set(events.Tags()["images"])
+    for layer, n_keys in ((f"{block}.attn1", keys), (f"{block}.attn2", cross.probs.shape[-1])):
+        assert 0.0 <= events.Scalars(f"attention/{layer}/entropy")[0].value <= math.log(n_keys)
+        for head in range(heads):
+            assert 0.0 < events.Scalars(f"attention/{layer}/head{head}/sparsity")[0].value <= 1.0
+            assert events.Scalars(f"attention/{layer}/head{head}/output_norm")[0].value > 0
+
+
 def test_processors_restored_when_sampling_raises(tmp_path, monkeypatch):
     model = attention_ddpm()
     before = processor_types(model)

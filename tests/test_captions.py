@@ -269,3 +269,151 @@ def test_resume_mid_epoch_serves_the_remaining_batches_identically():
     assert all(torch.equal(a["images"], b["images"]) for a, b in zip(rest, epoch[3:]))
     other_epoch = all_batches(resumed.train_dataloader(), epoch=2)
     assert [b["keys"] for b in other_epoch] != [b["keys"] for b in epoch]
+
+
+class ValKeyRecorder(KeyRecorder):
+    def validation_step(self, batch, batch_idx):
+        self.seen.append((-1, batch["keys"], set(batch)))
+
+
+def fit_recording(root: Path, tmp_path: Path, **kwargs) -> tuple[ValKeyRecorder, list[str]]:
+    """Fit one epoch with validation on a folder; the model (training and validation keys) and the warnings."""
+    model = ValKeyRecorder()
+    trainer = quiet_trainer(tmp_path / "run", max_epochs=1, num_sanity_val_steps=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.fit(model, folder_module(root, drop_last=False, **kwargs))
+    return model, [str(w.message) for w in caught]
+
+
+def test_an_unreadable_image_alone_in_the_validation_split_skips_validation_instead_of_ending_the_run(tmp_path):
+    names = [f"img{i}.png" for i in range(8)]
+    write_metadata(tmp_path / "data", names)
+    probe = folder_module(tmp_path / "data", val_fraction=0.1)
+    probe.setup()
+    (val_key,) = probe.datasets["val"].keys  # the one image the seeded carve holds out
+    (tmp_path / "data" / val_key).write_text("not an image")
+    model, messages = fit_recording(tmp_path / "data", tmp_path, val_fraction=0.1)
+    assert sorted(k for e, keys, _ in model.seen if e == 0 for k in keys) == sorted(set(names) - {val_key})
+    assert not [keys for e, keys, _ in model.seen if e == -1]  # no validation batch
+    (left,) = [m for m in messages if "unreadable" in m]
+    assert "left 1 unreadable image(s) out of the 'val' split (none left" in left
+    assert left.count(repr(val_key)) == 1
+
+
+def test_validation_leaves_out_its_unreadable_images_once_and_serves_every_other_image_once(tmp_path):
+    write_metadata(tmp_path / "train", ["a.png", "b.png"])
+    write_metadata(tmp_path / "validation", ["v0.png", "v1.png", "v2.png"])
+    (tmp_path / "validation" / "v1.png").write_text("not an image")
+    model, messages = fit_recording(tmp_path, tmp_path, eval_batch_size=1)
+    assert [keys for e, keys, _ in model.seen if e == -1] == [["validation/v0.png"], ["validation/v2.png"]]
+    assert [m for m in messages if "unreadable" in m] == [
+        "left 1 unreadable image(s) out of the 'val' split (2 left): ['validation/v1.png']. "
+        "Fix or remove them, or set skip_bad_images=false to stop at the first one."
+    ]
+    strict = folder_module(tmp_path, skip_bad_images=False, eval_batch_size=1)
+    with pytest.raises(ValueError, match=r"v1\.png.*skip_bad_images=true"):
+        list(strict.val_dataloader())
+
+
+def test_a_set_of_one_unreadable_image_names_it_once(tmp_path):
+    (tmp_path / "only.png").write_text("not an image")
+    (tmp_path / "metadata.jsonl").write_text(json.dumps({"file_name": "only.png", "text": "x"}))
+    with pytest.raises(
+        RuntimeError, match=r"none of the 1 images of the dataset could be read, e\.g\. \['only\.png'\]\."
+    ):
+        all_batches(folder_module(tmp_path, val_fraction=0, batch_size=1).train_dataloader())
+
+
+@pytest.mark.parametrize("layout", ["metadata.jsonl", "captions.json"])
+def test_listed_images_that_do_not_exist_are_skipped_and_counted_when_skipping(tmp_path, layout):
+    names = ["a.png", "gone.png", "b.png", "c.png", "lost.png"]
+    folder = tmp_path / "train" if layout == "captions.json" else tmp_path
+    for i, name in enumerate(["a.png", "b.png", "c.png"]):
+        write_png((folder / "images" if layout == "captions.json" else folder) / name, seed=i)
+    if layout == "captions.json":
+        (folder / "captions.json").write_text(json.dumps({name: f"caption of {name}" for name in names}))
+    else:
+        (folder / "metadata.jsonl").write_text("\n".join(json.dumps({"file_name": n, "text": n}) for n in names))
+    dm = folder_module(tmp_path, val_fraction=0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        dm.setup()
+    (report,) = [str(w.message) for w in caught if "do not exist" in str(w.message)]
+    assert f"skipped 2 of the 5 image(s) listed in {str(folder / layout)!r}" in report
+    assert "gone.png'" in report and "lost.png'" in report  # relative to the caption file's folder
+    assert sorted(Path(k).name for k in dm.datasets["train"].keys) == ["a.png", "b.png", "c.png"]
+    with pytest.raises(FileNotFoundError, match=r"2 image\(s\) listed in .* do not exist: \[.*gone\.png'"):
+        folder_module(tmp_path, val_fraction=0, skip_bad_images=False).setup()
+
+
+def predict_batches(dm: ImageCaptionDataModule) -> list[dict]:
+    return list(dm.predict_dataloader())
+
+
+def test_predict_serves_each_prompt_in_order_with_its_position_in_the_whole_list():
+    dm = ImageCaptionDataModule(predict_prompts=["a cat", "a dog"], predict_samples_per_prompt=3, eval_batch_size=4)
+    batches = predict_batches(dm)
+    assert [b["prompts"] for b in batches] == [["a cat", "a cat", "a cat", "a dog"], ["a dog", "a dog"]]
+    assert [b["index"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5]]
+    assert all(set(b) == {"prompts", "index"} and b["index"].dtype == torch.long for b in batches)
+    assert not dm.datasets  # given prompts, nothing is read
+
+
+def test_predict_prompts_file_leaves_out_blank_and_comment_lines(tmp_path):
+    path = tmp_path / "prompts.txt"
+    path.write_text("# the first prompts\na red square\n\n   \n  # indented comment\na blue circle  \n#\nthe end")
+    batches = predict_batches(ImageCaptionDataModule(predict_prompts_file=str(path), eval_batch_size=2))
+    assert [b["prompts"] for b in batches] == [["a red square", "a blue circle"], ["the end"]]
+    assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2]
+    missing = ImageCaptionDataModule(predict_prompts_file=str(tmp_path / "nowhere.txt"))
+    with pytest.raises(FileNotFoundError, match=r"predict_prompts_file='.*nowhere\.txt' is not a file"):
+        missing.predict_dataloader()
+    path.write_text("\n# only comments\n\n")
+    with pytest.raises(ValueError, match=r"predict_prompts_file='.*prompts\.txt' holds no prompt"):
+        ImageCaptionDataModule(predict_prompts_file=str(path)).predict_dataloader()
+
+
+def test_predict_defaults_to_the_first_eight_distinct_validation_captions(tmp_path):
+    dm = ImageCaptionDataModule(max_samples=200, seed=1, eval_batch_size=64, predict_samples_per_prompt=2)
+    (batch,) = predict_batches(dm)
+    val_captions = dm.datasets["val"].captions
+    assert len(set(val_captions)) == 10  # one digit of each class
+    expected = list(dict.fromkeys(val_captions))[:8]
+    assert batch["prompts"] == [p for p in expected for _ in range(2)]
+    assert batch["index"].tolist() == list(range(16))
+    names = ["a.png", "b.png", "c.png", "d.png"]
+    write_metadata(tmp_path / "train", names)
+    write_metadata(tmp_path / "validation", names)
+    captions = ["a fox", "a hen", "a fox", "an owl"]
+    lines = [json.dumps({"file_name": n, "text": c}) for n, c in zip(names, captions)]
+    (tmp_path / "validation" / "metadata.jsonl").write_text("\n".join(lines))
+    (batch,) = predict_batches(folder_module(tmp_path))
+    assert batch["prompts"] == ["a fox", "a hen", "an owl"]
+    with pytest.raises(ValueError, match=r"validation split holds no caption.*val_fraction=0"):
+        ImageCaptionDataModule(max_samples=20, val_fraction=0).predict_dataloader()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        (
+            dict(predict_prompts=["x"], predict_prompts_file="p.txt"),
+            r"predict_prompts=\['x'\] and predict_prompts_file",
+        ),
+        (dict(predict_prompts=[]), r"predict_prompts=\[\] must be a non-empty list of strings"),
+        (dict(predict_samples_per_prompt=0), "predict_samples_per_prompt=0 must be >= 1"),
+        (dict(batch_size=0), "batch_size=0 must be >= 1"),
+        (dict(resolution=0), "resolution=0 must be >= 1"),
+        (dict(val_fraction=1.0), r"val_fraction=1\.0 must be in \[0, 1\)"),
+        (dict(caption_template="{label}"), r"caption_template='\{label\}'"),
+    ],
+)
+def test_bad_arguments_name_the_field(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ImageCaptionDataModule(**kwargs)
+
+
+def test_there_is_no_test_split_to_serve():
+    with pytest.raises(ValueError, match=r"ImageCaptionDataModule has no 'test' split; it has \['train', 'val'\]"):
+        ImageCaptionDataModule(max_samples=20).test_dataloader()

@@ -17,7 +17,12 @@ from tests.conftest import REPO
 #: Fit configs (configs/search/ holds search files of `tune`, checked against their base configs in test_tune.py).
 CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.relative_to(REPO / "configs").parts[0] != "search")
 #: Second configs that add to a model config (``--config model.yaml --config overlay.yaml``), with the base to test on.
-OVERLAY_BASES = {"callbacks/default.yaml": "ddpm_mnist.yaml", "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml"}
+OVERLAY_BASES = {
+    "callbacks/default.yaml": "ddpm_mnist.yaml",
+    "callbacks/t2i.yaml": "smoke/sd_tiny.yaml",
+    "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml",
+    "smoke/callbacks_t2i.yaml": "smoke/sd_tiny.yaml",
+}
 
 
 @pytest.fixture(scope="module")
@@ -86,9 +91,10 @@ def test_every_config_parses_against_the_code(config, local_sd, local_teacher):
         assert cli.model.image_size == cli.datamodule.image_size
     elif hasattr(cli.model, "unet"):
         assert cli.model.unet.config.sample_size == cli.datamodule.image_size
-    if config.parent.name == "callbacks" or config.name == "callbacks.yaml":
+    if config.parent.name == "callbacks" or config.name.startswith("callbacks"):
         names = {type(c).__name__ for c in cli.trainer.callbacks}
-        assert {"EMA", "GradientActivationWatcher", "DiffusionMetricsLogger", "SampleGridLogger"} <= names
+        stack = {"EMA", "GradientActivationWatcher", "TimestepLossLogger", "GenerationMonitor", "SampleGridLogger"}
+        assert stack <= names
 
 
 def test_help_lists_the_extra_commands(capsys):

@@ -69,8 +69,18 @@ def test_token_maps_cover_the_real_tokens_at_the_requested_resolution():
         torch.testing.assert_close(normed.amax(dim=(1, 2)), torch.ones(len(real)))
     assert maps[1].tokens == ["the", "digit", "7"] and maps[1].maps.shape == (3, 12, 12)
 
-    # Recording does not change the images: they are the module's own generate() output.
-    generated = module.generate([PROMPT, "the digit 7"], seed=0, num_inference_steps=3)
+    # Recording does not change the images: they are what the pipeline draws without it (image i from seed i).
+    from diffusion_lightning.pipelines import generate
+
+    pipeline = module.build_pipeline()
+    generated = generate(
+        pipeline,
+        module.condition_spec().resolve(prompts=[PROMPT, "the digit 7"]),
+        num_inference_steps=3,
+        guidance_scale=module.guidance_scale,
+        generator=[torch.Generator().manual_seed(i) for i in range(2)],
+        image_size=module.image_size,
+    )
     torch.testing.assert_close(torch.stack([first.image, maps[1].image]), generated, atol=1e-4, rtol=0)
 
     strip = callback.render(first)
@@ -213,7 +223,7 @@ def test_bad_arguments(kwargs, message):
     [
         ({"prompts": [PROMPT], "layers": ["nope.*"]}, "layers pattern 'nope.*' matches no attention layer"),
         ({"prompts": [PROMPT], "timestep_maps": [0, 5]}, r"timestep_maps=\[0, 5\] has \[5\]"),
-        ({}, "has no prompts: set prompts, or the module's validation_prompts"),
+        ({}, "CrossAttentionHeatmapLogger: prompts is not set and the model has no default prompts"),
     ],
 )
 def test_bad_arguments_at_setup(tmp_path, kwargs, message):

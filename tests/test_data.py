@@ -1,11 +1,12 @@
 import gzip
 import pickle
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import torch
 
-from diffusion_lightning import CIFAR10DataModule, MNISTDataModule
+from diffusion_lightning import CIFAR10DataModule, ImageCaptionDataModule, MNISTDataModule
 from diffusion_lightning.data import EpochSeededSampler, LabelledImages
 from diffusion_lightning.data.mnist import read_idx
 
@@ -148,6 +149,69 @@ def test_predict_dataloader_yields_labels_per_class():
     dm = MNISTDataModule(predict_samples_per_class=2, eval_batch_size=8)
     labels = torch.cat([b["labels"] for b in dm.predict_dataloader()])
     assert labels.tolist() == [c for c in range(10) for _ in range(2)]
+
+
+def test_predict_batches_carry_each_label_and_its_position_in_the_whole_set():
+    batches = list(MNISTDataModule(predict_samples_per_class=3, eval_batch_size=4).predict_dataloader())
+    assert [len(b["labels"]) for b in batches] == [4] * 7 + [2]
+    assert all(set(b) == {"labels", "index"} and b["index"].dtype == torch.long for b in batches)
+    assert torch.cat([b["index"] for b in batches]).tolist() == list(range(30))
+
+
+def attach(data, epoch: int, processed: int, replicas: int = 1, rank: int = 0):
+    """Give ``data`` a stand-in trainer at ``processed`` batches of ``epoch``, as process ``rank`` of ``replicas``."""
+    progress = SimpleNamespace(current=SimpleNamespace(processed=processed))
+    data.trainer = SimpleNamespace(
+        current_epoch=epoch,
+        fit_loop=SimpleNamespace(epoch_loop=SimpleNamespace(batch_progress=progress)),
+        distributed_sampler_kwargs={"num_replicas": replicas, "rank": rank} if replicas > 1 else None,
+    )
+    return data
+
+
+def sampled(data, epoch: int) -> list[int]:
+    """The dataset indices the training loader of ``data`` draws in ``epoch``."""
+    sampler = data.train_dataloader().sampler
+    sampler.set_epoch(epoch)
+    items = list(sampler)
+    if items and isinstance(items[0], tuple):  # captions tag each index with its epoch (for the random crops)
+        assert {e for _, e in items} == {epoch}
+        items = [index for index, _ in items]
+    return items
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: MNISTDataModule(batch_size=8, seed=2),
+        lambda: ImageCaptionDataModule(max_samples=100, batch_size=8, seed=2),
+    ],
+    ids=["mnist", "captions"],
+)
+def test_every_data_module_resumes_to_the_batch_and_shards_the_rest_over_processes(make):
+    order = sampled(attach(make(), 1, 0), epoch=1)
+    assert sorted(order) == list(range(len(order))) and order != sorted(order)
+    assert sampled(attach(make(), 1, 0), epoch=1) == order  # the order depends only on (seed, epoch)
+    state = attach(make(), 1, 3).state_dict()
+    assert state == {"epoch": 1, "samples_seen": 24, "batches": 3}
+    alone = make()
+    alone.load_state_dict(state)
+    assert sampled(alone, epoch=1) == order[24:]
+    halves = []
+    for rank in range(2):
+        data = attach(make(), 1, 0, replicas=2, rank=rank)
+        data.load_state_dict(state)
+        halves.append(sampled(data, epoch=1))
+    assert halves[0] == order[24::2] and halves[1][: len(order[25::2])] == order[25::2]
+    assert set(halves[0]) | set(halves[1]) == set(order[24:])
+
+
+def test_labelled_evaluation_loaders_serve_their_split_in_order():
+    dm = MNISTDataModule(eval_batch_size=64)
+    for split, loader in (("val", dm.val_dataloader()), ("test", dm.test_dataloader())):
+        labels = torch.cat([batch["labels"] for batch in loader])
+        assert torch.equal(labels, dm.datasets[split].labels)
+        assert loader.batch_size == 64
 
 
 @pytest.mark.parametrize(

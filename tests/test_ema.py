@@ -17,7 +17,7 @@ from diffusion_lightning import ClassConditionedDDPM
 from diffusion_lightning.callbacks.ema import EMA
 from diffusion_lightning.commands import export
 from diffusion_lightning.data.base import LabelledImageDataModule
-from diffusion_lightning.utils.checkpoint import load_module
+from diffusion_lightning.modules.loading import load_module
 from tests.conftest import Crash, CrashAt, RandomDigits, quiet_trainer, tiny_config, tiny_ddpm
 
 
@@ -160,11 +160,19 @@ def test_scope_averages_only_the_denoiser(tmp_path):
 
     model = WithFrozenEncoder(image_size=8, num_classes=3, net=tiny_config(), learning_rate=1e-2)
     frozen = count(model.encoder)
-    for scope, expected in (("denoiser", count(model.unet)), ("unet", count(model.unet)), (None, count(model))):
-        ema = EMA(scope=scope)
+    unet = count(model.unet)
+    # the whole module has a frozen part, so by default only its trainable parameters (the UNet's) are averaged
+    for scope, only_trainable, expected in (
+        ("denoiser", None, unet),
+        ("unet", None, unet),
+        (None, None, unet),
+        (None, True, unet),
+        (None, False, unet + frozen),
+    ):
+        ema = EMA(scope=scope, only_trainable=only_trainable)
         ema.setup(None, model, "fit")
-        assert count(ema.average_model.module) == expected
-    assert count(model) == count(model.unet) + frozen
+        assert count(ema.average_model.module) == expected, (scope, only_trainable)
+    assert count(model) == unet + frozen
 
     ema = EMA(decay=0.5)
     checkpoint = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True, save_top_k=0)
@@ -181,6 +189,16 @@ def test_scope_averages_only_the_denoiser(tmp_path):
     assert_state_equal(unet(raw_state), weights[3])
     assert_state_equal(unet(ema_state), model.unet.state_dict())
     assert differs(unet(ema_state), unet(raw_state))
+
+
+def test_a_scope_without_trainable_parameters_is_rejected_unless_asked_for():
+    model = WithFrozenEncoder(image_size=8, num_classes=3, net=tiny_config())
+    for only_trainable in (None, True):
+        with pytest.raises(ValueError, match=r"scope='encoder': every parameter of Linear is frozen.*'text_encoder'"):
+            EMA(scope="encoder", only_trainable=only_trainable).setup(None, model, "fit")
+    ema = EMA(scope="encoder", only_trainable=False)  # averaging frozen weights on purpose
+    ema.setup(None, model, "fit")
+    assert ema.averaged_keys == ["encoder.weight", "encoder.bias"]
 
 
 def test_unknown_or_unusable_scope_is_rejected(tmp_path):

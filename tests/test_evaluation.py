@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import EarlyStopping
 from lightning.pytorch.loggers import CSVLogger
 
 from diffusion_lightning import DigitClassifier
-from diffusion_lightning.callbacks import DiffusionMetricsLogger
+from diffusion_lightning.callbacks import PeriodicEvaluation
 from diffusion_lightning.commands import evaluate
 from diffusion_lightning.data.base import LabelledImageDataModule
 from diffusion_lightning.metrics import (
@@ -275,12 +275,10 @@ def test_evaluate_command_writes_files_and_repeats_its_numbers(tmp_path, tiny_pi
         evaluate.main(["--real", "test", *common, "--metrics", "is"])
 
 
-def test_metrics_logger_evaluates_every_n_epochs_for_early_stopping(tmp_path, judge_checkpoint):
+def test_periodic_evaluation_every_n_epochs_drives_early_stopping(tmp_path, judge_checkpoint):
     evaluation = {"n_samples": 30, "num_inference_steps": 2, "judge": str(judge_checkpoint)}
     evaluation["cache_dir"] = str(tmp_path / "cache")
-    logger = DiffusionMetricsLogger(
-        generate_every_n_epochs=None, evaluate_every_n_epochs=2, evaluation=evaluation, summary_figure=False
-    )
+    logger = PeriodicEvaluation(every_n_epochs=2, evaluation=evaluation)
     stopper = EarlyStopping(monitor="evals/accuracy", mode="max", patience=5, strict=False)
     trainer = quiet_trainer(tmp_path, max_epochs=2, limit_train_batches=2, callbacks=[logger, stopper])
     trainer.fit(tiny_ddpm(), datamodule=TinyDigits())
@@ -290,8 +288,10 @@ def test_metrics_logger_evaluates_every_n_epochs_for_early_stopping(tmp_path, ju
     saved = json.loads((tmp_path / "eval" / "epoch=1" / "metrics.json").read_text())
     assert saved["metrics"]["accuracy"] == pytest.approx(trainer.callback_metrics["evals/accuracy"].item())
     assert logger.history[-1]["evals"]["evals/accuracy"] == saved["metrics"]["accuracy"]
-    with pytest.raises(ValueError, match="evaluate_every_n_epochs=0"):
-        DiffusionMetricsLogger(evaluate_every_n_epochs=0)
+    with pytest.raises(ValueError, match="every_n_epochs=0"):
+        PeriodicEvaluation(every_n_epochs=0)
+    with pytest.raises(ValueError, match=r"evaluation has unknown fields \['n_sample'\]"):
+        PeriodicEvaluation(evaluation={"n_sample": 10})
 
 
 def test_evaluate_command_reads_a_checkpoint_and_writes_beside_its_run(tmp_path, judge_checkpoint, monkeypatch):

@@ -186,18 +186,15 @@ def test_latent_cache_runs_the_vae_once_per_image_and_gives_the_same_latents(tmp
     torch.testing.assert_close(first, direct)
 
 
-def test_validation_generates_logged_images_for_fixed_prompts(tmp_path):
+def test_default_prompts_are_the_validation_prompts():
     module = LatentDiffusionModule(
         validation_prompts=["a digit one", "a digit two"], validation_negative_prompts=["blurry"], num_inference_steps=2
     )
-    trainer = quiet_trainer(tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1)
-    trainer.fit(module, loader(), loader())
-    files = sorted(p.name for p in (tmp_path / "validation").rglob("*.png"))
-    assert files == ["00.png", "01.png", "samples.png"]
-    again = module.generate(["a digit one"], ["blurry"], seed=0)
-    first = module.generate(["a digit one"], ["blurry"], seed=0)
-    torch.testing.assert_close(again, first)
-    assert again.shape == (1, 3, 16, 16)
+    conditions = module.condition_spec().resolve()
+    assert conditions.kind == "prompt" and conditions.values == ("a digit one", "a digit two")
+    assert conditions.negative_prompts == ("blurry", "blurry")
+    with pytest.raises(ValueError, match="prompts is not set and the model has no default prompts"):
+        LatentDiffusionModule().condition_spec().resolve()
 
 
 def test_byte_level_tokenizer_round_trips_any_text(tmp_path):

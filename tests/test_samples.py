@@ -1,4 +1,4 @@
-"""SampleGridLogger: fixed-seed grids logged and saved as PNGs during training."""
+"""SampleGridLogger: fixed-seed grids (a row per class or per prompt) logged and saved as PNGs during training."""
 
 from __future__ import annotations
 
@@ -62,7 +62,7 @@ def test_same_seed_gives_the_same_grid():
     assert torch.equal(first.images, again.images)
     assert np.array_equal(np.asarray(first.pil_grid), np.asarray(again.pil_grid))
     assert not torch.equal(first.images, other.images)
-    assert first.class_labels.tolist() == [0, 0, 1, 1, 2, 2]
+    assert first.conditions.values == (0, 0, 1, 1, 2, 2)
     unlabelled = SampleGridLogger(num_per_class=2, seed=3, label_rows=False).generate(model)
     assert unlabelled.pil_grid.height == first.pil_grid.height and unlabelled.pil_grid.width < first.pil_grid.width
 
@@ -95,7 +95,7 @@ def test_mode_is_restored_also_when_sampling_raises(monkeypatch):
     def boom(*args, **kwargs):
         raise RuntimeError("sampling failed")
 
-    monkeypatch.setattr(type(model.build_pipeline()), "generate_grid", boom)
+    monkeypatch.setattr(type(model.build_pipeline()), "__call__", boom)
     with pytest.raises(RuntimeError, match="sampling failed"):
         SampleGridLogger().generate(model)
     assert model.training and model.unet.training and not model.unet.conv_in.training
@@ -144,3 +144,37 @@ def test_needs_a_diffusion_module(tmp_path):
     callback = SampleGridLogger()
     with pytest.raises(ValueError, match="SampleGridLogger needs a DiffusionModule .*got BoringModel"):
         callback.setup(quiet_trainer(tmp_path, callbacks=[callback]), BoringModel(), "fit")
+
+
+def test_text_model_rows_are_its_prompts(tmp_path):
+    from diffusion_lightning import LatentDiffusionModule
+    from tests.test_latent import loader
+
+    torch.manual_seed(0)
+    module = LatentDiffusionModule(validation_prompts=["a digit one", "a digit two"], num_inference_steps=2)
+    callback = SampleGridLogger(num_per_class=2, scale=1)
+    logger = TensorBoardLogger(tmp_path, name="tb", version=0)
+    trainer = quiet_trainer(
+        tmp_path, max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=logger, callbacks=[callback]
+    )
+    trainer.fit(module, loader(), loader())
+    grid = callback.generate(module)
+    assert grid.conditions.values == ("a digit one", "a digit one", "a digit two", "a digit two")
+    assert grid.images.shape == (4, 3, 16, 16)
+    # prompt-labelled: the labels widen the image beyond the 2 x (16 + 2) + 2 px of the bare grid
+    assert grid.pil_grid.width > 2 * 18 + 2 and grid.pil_grid.height == 2 * 18 + 2
+    with PIL.Image.open(callback.last_path) as image:
+        assert np.array_equal(np.asarray(image.convert("RGB")), np.asarray(grid.pil_grid.convert("RGB")))
+    events = EventAccumulator(logger.log_dir, size_guidance={"images": 0})
+    events.Reload()
+    assert [e.step for e in events.Images("samples/grid")] == [1]
+    # explicit prompts replace the module's; classes are refused for a text model
+    assert SampleGridLogger(prompts=["a digit three"], num_per_class=1).generate(module).images.shape[0] == 1
+    with pytest.raises(ValueError, match=r"classes=\[1\] is set, but the model is conditioned on text prompts"):
+        SampleGridLogger(classes=[1]).setup(trainer, module, "fit")
+
+
+def test_prompts_refused_for_a_class_model(tmp_path):
+    callback = SampleGridLogger(prompts=["a seven"])
+    with pytest.raises(ValueError, match="prompts is set, but the model is class-conditioned"):
+        callback.setup(quiet_trainer(tmp_path, callbacks=[callback]), small_ddpm(), "fit")

@@ -97,7 +97,7 @@ def test_fit_logs_the_run_description_and_writes_it_to_the_json(tmp_path):
     public = {k: v for k, v in module.noise_scheduler.config.items() if not k.startswith("_")}
     assert summary["noise_scheduler"] == {"class": "DDPMScheduler", **public}
     assert summary["cli_config"] == str(log_dir / "config.yaml")
-    assert "diffusion" not in summary  # no DiffusionMetricsLogger in this run
+    assert "diffusion" not in summary  # no callback with per-epoch records in this run
 
 
 def test_description_can_stay_out_of_the_loggers(tmp_path):

@@ -10,6 +10,7 @@ from lightning.pytorch import Callback, seed_everything
 from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from diffusion_lightning.callbacks._watch_selection import frozen_components, select_modules
 from diffusion_lightning.callbacks.watcher import GradientActivationWatcher, NonFiniteGradientError
 from diffusion_lightning.loggers import media
 from tests.conftest import RandomDigits, quiet_trainer, tiny_ddpm
@@ -315,3 +316,72 @@ def test_builds_from_a_yaml_callbacks_entry():
     assert isinstance(watcher, GradientActivationWatcher)
     assert watcher.patterns == ("unet.*.resnets.?",) and watcher.stats == ("norm", "hist")
     assert watcher.log_every_n_steps == 10 and watcher.skip_nonfinite
+
+
+# ---------------------------------------------------------------------- frozen components
+
+
+def lora_latent(**kwargs):
+    from diffusion_lightning import LatentDiffusionModule
+
+    return LatentDiffusionModule(components={"seed": 0}, training_mode="lora", lora_rank=2, **kwargs)
+
+
+def fit_latent(tmp_path, watcher: GradientActivationWatcher, **kwargs) -> dict[str, float]:
+    """One watched step of the LoRA latent model; the ``debug/`` norms it logged, by metric name."""
+    from diffusion_lightning import ImageCaptionDataModule
+
+    logger = CSVLogger(tmp_path)
+    trainer = quiet_trainer(tmp_path, max_steps=1, limit_val_batches=0, logger=logger, callbacks=[watcher])
+    trainer.fit(lora_latent(**kwargs), ImageCaptionDataModule(resolution=16, max_samples=16, batch_size=4))
+    with open(f"{logger.log_dir}/metrics.csv") as f:
+        return {k: float(v) for row in csv.DictReader(f) for k, v in row.items() if k.startswith("debug/") and v}
+
+
+def test_frozen_components_are_only_watched_where_a_pattern_names_them(tmp_path):
+    module = lora_latent()
+    assert frozen_components(module) == ["vae", "text_encoder"]
+    assert frozen_components(lora_latent(lora_text_encoder=True)) == ["vae"]
+    assert frozen_components(tiny_ddpm()) == []
+
+    # the default config's selection: every ResNet block of the UNet, frozen base weights and all, none of the VAE's
+    watcher = GradientActivationWatcher(module_types=["ResnetBlock2D"], stats=["norm"], log_every_n_steps=1)
+    logged = fit_latent(tmp_path / "types", watcher)
+    model_resnets = [n for n, m in module.named_modules() if type(m).__name__ == "ResnetBlock2D"]
+    assert any(n.startswith("vae.") for n in model_resnets)
+    assert watcher.module_names == [n for n in model_resnets if n.startswith("unet.")]
+    activations = {k.split("/")[2] for k in logged if k.startswith("debug/activation/")}
+    assert activations == set(watcher.module_names)
+    assert all(v > 0 for v in logged.values())
+    assert not any(k.startswith("debug/gradient/") for k in logged)  # their weights are frozen: no gradients
+
+    # a wildcard that also matches the VAE's attention keeps to the UNet's, where the adapters are; naming the
+    # VAE in another pattern adds what that pattern matches, not what the wildcard does
+    def names(*patterns: str) -> set[str]:
+        return {name for name, _ in select_modules(module, patterns, ())}
+
+    unet_attentions = names("*.attentions.0")
+    assert unet_attentions and all(n.startswith("unet.") for n in unet_attentions)
+    assert names("*.attentions.0", "vae") == unet_attentions | {"vae"}
+    assert names("vae.*.attentions.0") == {"vae.encoder.mid_block.attentions.0", "vae.decoder.mid_block.attentions.0"}
+
+    # a pattern that names the VAE watches it: its encoder runs in every training step
+    watcher = GradientActivationWatcher(
+        patterns=["vae.encoder.down_blocks.*.resnets.?"], watch=["activations"], stats=["norm"], log_every_n_steps=1
+    )
+    logged = fit_latent(tmp_path / "named", watcher)
+    assert watcher.module_names == ["vae.encoder.down_blocks.0.resnets.0", "vae.encoder.down_blocks.1.resnets.0"]
+    assert sorted(logged) == [f"debug/activation/{n}/norm" for n in watcher.module_names]
+
+
+@pytest.mark.parametrize(
+    ("patterns", "module_types", "message"),
+    [
+        ((), ("AutoencoderKL",), r"module_types entry 'AutoencoderKL' matches only modules of the frozen"),
+        (("*.encoder.*",), (), r"'\*\.encoder\.\*' matches only .* \['text_encoder', 'vae'\].*'text_encoder\.\*'"),
+    ],
+    ids=["types", "pattern"],
+)
+def test_a_selection_of_frozen_modules_alone_is_rejected_with_a_hint(patterns, module_types, message):
+    with pytest.raises(ValueError, match=message):
+        select_modules(lora_latent(), patterns, module_types)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -11,8 +10,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from diffusion_lightning.modules.loading import load_pipeline_source
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
-from diffusion_lightning.schedulers import make_scheduler
 
 __all__ = ["CONDITIONING_FIELDS", "Model", "Session", "check_conditioning", "load_model", "load_models"]
 
@@ -72,27 +71,16 @@ def load_model(path: str | Path, name: str | None = None, device: str | torch.de
         ValueError: When ``path`` is neither accepted form or holds no class-conditioned pipeline.
     """
     source = Path(path)
-    guidance = None
-    if source.is_file() and source.suffix == ".ckpt":
-        from diffusion_lightning.utils.checkpoint import load_module
-
-        module = load_module(source)
-        pipeline = module.build_pipeline()
-        guidance = float(getattr(module, "guidance_scale", DEFAULT_GUIDANCE))
-    elif source.is_dir() and (source / "model_index.json").is_file():
-        class_name = json.loads((source / "model_index.json").read_text()).get("_class_name")
-        if class_name != ClassConditionedPipeline.__name__:
-            raise ValueError(
-                f"path {str(path)!r} holds a {class_name}; analysis compares ClassConditionedPipeline folders."
-            )
-        pipeline = ClassConditionedPipeline.from_pretrained(source)
-    else:
+    if not _accepted(source):
         raise ValueError(f"path {str(path)!r} is neither accepted form: give {ACCEPTED_FORMS}.")
-    if not isinstance(pipeline, ClassConditionedPipeline):
-        raise ValueError(
-            f"path {str(path)!r} builds a {type(pipeline).__name__}; analysis needs a ClassConditionedPipeline."
-        )
-    pipeline.scheduler = make_scheduler("ddim", pipeline.scheduler.config)
+    checkpoint = source.is_file()
+    pipeline, defaults = load_pipeline_source(
+        ckpt=source if checkpoint else None,
+        pipeline=None if checkpoint else source,
+        scheduler="ddim",
+        expect=ClassConditionedPipeline,
+    )
+    guidance = float(defaults["guidance_scale"]) if checkpoint else None
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     pipeline.unet.eval()

@@ -8,18 +8,10 @@ from typing import Any
 import lightning.pytorch as pl
 import PIL.Image
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from diffusion_lightning.callbacks.samples import (
-    check_classes,
-    check_sampling_args,
-    diffusion_module,
-    sampling_defaults,
-    sampling_due,
-    sampling_mode,
-    warn_if_after_weight_averaging,
-)
+from diffusion_lightning.callbacks.samples import row_label
+from diffusion_lightning.callbacks.sampling import SamplingCallback
 from diffusion_lightning.loggers.media import log_image
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
@@ -43,18 +35,20 @@ HEATMAPS: tuple[str, ...] = ("received", "center")
 _MIN_TILE = 32  # heatmap tiles are upscaled (nearest) to at least this many pixels a side
 
 
-class AttentionHeatmapLogger(Callback):
+class AttentionHeatmapLogger(SamplingCallback):
     """Record the attention of a fixed sampling pass every few epochs; log heatmaps and statistics.
 
     At the end of every ``every_n_epochs``-th validation epoch, rank 0 installs recording
     processors (:class:`~diffusion_lightning.utils.attention.RecordingAttnProcessor`) on the chosen
     diffusers ``Attention`` layers of the module's ``denoiser``, generates one image per class of
     ``classes`` with the module's pipeline and a generator seeded by ``seed``, and puts the
-    original processors back (also when sampling fails). Under classifier-free guidance only the
-    conditional half of the batch is kept.
+    original processors back (also when sampling fails). The images are of ``classes`` for a
+    class-conditioned model and of ``prompts`` for a text-to-image one (its ``UNet2DConditionModel``
+    has self-attention ``attn1`` and cross-attention ``attn2`` layers; both are recorded). Under
+    classifier-free guidance only the conditional half of the batch is kept.
 
     For each layer and recorded step it logs one image, ``attention/<layer>/t=<step>`` (``step``
-    is the index in the sampling loop), with one row per class and one column per head. For
+    is the index in the sampling loop), with one row per class or prompt and one column per head. For
     self-attention a tile is a map over the feature map: with ``heatmap="received"`` the mean
     attention each location receives from all queries (where the layer looks, whatever asks),
     with ``"center"`` the attention of the centre query. For cross-attention (keys are text
@@ -79,6 +73,8 @@ class AttentionHeatmapLogger(Callback):
     Args:
         every_n_epochs: Record after every n-th epoch's validation (>= 1).
         classes: The classes to generate, one image each (the heatmap rows); default all.
+        prompts: The prompts of a text-to-image model (the rows); default its ``validation_prompts``.
+        negative_prompts: One negative prompt per prompt, or one for all.
         seed: Seed of the sampling noise.
         layers: Glob patterns over the attention processor names (``mid_block.*``,
             ``down_blocks.1.attentions.0``); default every attention layer.
@@ -97,6 +93,8 @@ class AttentionHeatmapLogger(Callback):
         self,
         every_n_epochs: int = 1,
         classes: list[int] | None = None,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
         seed: int = 0,
         layers: list[str] | None = None,
         timestep_indices: list[int] | None = None,
@@ -109,10 +107,10 @@ class AttentionHeatmapLogger(Callback):
     ) -> None:
         from matplotlib import colormaps
 
-        check_sampling_args(every_n_epochs, num_inference_steps, guidance_scale, scheduler)
+        super().__init__(
+            every_n_epochs, classes, prompts, negative_prompts, seed, num_inference_steps, guidance_scale, scheduler
+        )
         check_choice("heatmap", heatmap, HEATMAPS)
-        if classes is not None and len(classes) == 0:
-            raise ValueError("classes=[] is empty; give at least one class, or None for all.")
         if layers is not None and len(layers) == 0:
             raise ValueError("layers=[] is empty; give glob patterns, or None for every attention layer.")
         if timestep_indices is not None and len(timestep_indices) == 0:
@@ -121,15 +119,9 @@ class AttentionHeatmapLogger(Callback):
             raise ValueError(f"top_fraction={top_fraction!r} must be in (0, 1].")
         if colormap not in colormaps:
             raise ValueError(f"colormap={colormap!r} is not a matplotlib colormap (e.g. 'viridis', 'magma').")
-        self.every_n_epochs = every_n_epochs
-        self.classes = None if classes is None else [int(c) for c in classes]
-        self.seed = seed
         self.layers = None if layers is None else list(layers)
         self.timestep_indices = None if timestep_indices is None else [int(i) for i in timestep_indices]
         self.heatmap = heatmap
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.scheduler = scheduler
         self.top_fraction = top_fraction
         self.colormap = colormap
 
@@ -172,53 +164,37 @@ class AttentionHeatmapLogger(Callback):
         return sorted({i % n for i in self.timestep_indices})
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        module = diffusion_module(pl_module, self)
-        self._layer_names(module)
-        check_classes(self.classes, module.build_pipeline(self.scheduler).num_classes)
-        self._steps(sampling_defaults(module, self.num_inference_steps, self.guidance_scale)[0])
-        warn_if_after_weight_averaging(trainer, self)
+    def check(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        self._layer_names(pl_module)
+        self._steps(self.sampling_args(pl_module)[0])
 
     # ------------------------------------------------------------------ recording
 
     def record(self, pl_module: DiffusionModule) -> list[AttentionRecord]:
         """Run the fixed sampling pass at the module's current weights and return what was recorded."""
-        return self._record(pl_module, pl_module.build_pipeline(self.scheduler))[0]
+        return self._record(pl_module)[0]
 
-    def _record(self, pl_module: DiffusionModule, pipeline: Any) -> tuple[list[AttentionRecord], list[str]]:
+    def _record(self, pl_module: DiffusionModule) -> tuple[list[AttentionRecord], list[str]]:
         names = self._layer_names(pl_module)
-        classes = check_classes(self.classes, pipeline.num_classes)
-        num_steps, guidance = sampling_defaults(pl_module, self.num_inference_steps, self.guidance_scale)
-        recorder = AttentionRecorder(self._steps(num_steps), keep_last=len(classes))
+        conditions = self.conditions(pl_module)
+        recorder = AttentionRecorder(self._steps(self.sampling_args(pl_module)[0]), keep_last=len(conditions))
 
         def advance(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             recorder.step = i + 1
             return {}
 
-        pipeline.set_progress_bar_config(disable=True)
-        with sampling_mode(pl_module), recorder.attached(pl_module.denoiser, names):
-            pipeline(
-                classes,
-                num_inference_steps=num_steps,
-                guidance_scale=guidance,
-                generator=torch.Generator().manual_seed(self.seed),
-                output_type="pt",
-                callback_on_step_end=advance,
-            )
-        class_names = pipeline.config.get("class_names")
-        return recorder.records, [class_names[c] if class_names else str(c) for c in classes]
+        with recorder.attached(pl_module.denoiser, names):
+            self.sample(pl_module, conditions, callback_on_step_end=advance)
+        return recorder.records, [row_label(name) for name in conditions.names]
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not sampling_due(trainer, self.every_n_epochs):
-            return
-        module = diffusion_module(pl_module, self)
-        records, row_labels = self._record(module, module.build_pipeline(self.scheduler))
+    def on_sample(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        records, row_labels = self._record(pl_module)
         images, scalars = self._render(records, row_labels)
         for key, image in images.items():
             log_image(trainer, key, image)
-        for logger in trainer.loggers:
-            logger.log_metrics(scalars, step=trainer.global_step)
+        # one value per layer and statistic; rank 0 only, like the images (the pass runs there alone)
+        pl_module.log_dict(scalars, on_step=False, on_epoch=True, rank_zero_only=True)
 
     # ------------------------------------------------------------------ rendering
 

@@ -8,17 +8,9 @@ from typing import Any
 import lightning.pytorch as pl
 import PIL.Image
 import torch
-from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from diffusion_lightning.callbacks.samples import (
-    check_sampling_args,
-    diffusion_module,
-    sampling_defaults,
-    sampling_due,
-    sampling_mode,
-    warn_if_after_weight_averaging,
-)
+from diffusion_lightning.callbacks.sampling import SamplingCallback
 from diffusion_lightning.loggers.media import log_image
 from diffusion_lightning.modules.base import DiffusionModule
 from diffusion_lightning.utils.attention import SUPPORTED_PROCESSORS, attention_processors, layer_name, match_layers
@@ -34,14 +26,14 @@ from diffusion_lightning.utils.cross_attention import (
 __all__ = ["CrossAttentionHeatmapLogger"]
 
 
-class CrossAttentionHeatmapLogger(Callback):
+class CrossAttentionHeatmapLogger(SamplingCallback):
     """Generate fixed prompts every few epochs and log, per prompt token, where the image attended to it.
 
     At the end of every ``every_n_epochs``-th validation epoch (rank 0, not in the sanity check)
     the callback installs accumulating processors
     (:class:`~diffusion_lightning.utils.cross_attention.CrossAttentionMapProcessor`) on the
     cross-attention layers (``attn2``) of the module's UNet, generates one image per prompt with
-    the module's pipeline (image ``i`` from seed ``seed + i``, as the module's ``generate``), and
+    the module's pipeline (image ``i`` from seed ``seed + i``), and
     puts the original processors back (also when sampling fails). Each layer call's attention
     probabilities ``softmax(QK^T / sqrt(d))`` over the text tokens are averaged over heads
     (under classifier-free guidance only the conditional half counts), laid out on the layer's
@@ -97,13 +89,9 @@ class CrossAttentionHeatmapLogger(Callback):
     ) -> None:
         from matplotlib import colormaps
 
-        check_sampling_args(every_n_epochs, num_inference_steps, guidance_scale, scheduler)
-        if prompts is not None and (len(prompts) == 0 or not all(isinstance(p, str) for p in prompts)):
-            raise ValueError(f"prompts={prompts!r} must be a non-empty list of strings, or None for the module's.")
-        if negative_prompts is not None and prompts is not None and len(negative_prompts) not in (1, len(prompts)):
-            raise ValueError(
-                f"negative_prompts has {len(negative_prompts)} entries; expected 1 or one per prompt ({len(prompts)})."
-            )
+        super().__init__(
+            every_n_epochs, None, prompts, negative_prompts, seed, num_inference_steps, guidance_scale, scheduler
+        )
         if layers is not None and len(layers) == 0:
             raise ValueError("layers=[] is empty; give glob patterns, or None for every cross-attention layer.")
         if resolution is not None and resolution < 1:
@@ -116,16 +104,9 @@ class CrossAttentionHeatmapLogger(Callback):
             raise ValueError(f"colormap={colormap!r} is not a matplotlib colormap (e.g. 'jet', 'inferno').")
         if not 0.0 <= alpha <= 1.0:
             raise ValueError(f"alpha={alpha!r} must be in [0, 1].")
-        self.prompts = None if prompts is None else list(prompts)
-        self.negative_prompts = None if negative_prompts is None else list(negative_prompts)
-        self.every_n_epochs = every_n_epochs
-        self.seed = seed
         self.layers = None if layers is None else list(layers)
         self.resolution = resolution
         self.timestep_maps = list(map(int, timestep_maps)) if isinstance(timestep_maps, list) else timestep_maps
-        self.num_inference_steps = num_inference_steps
-        self.guidance_scale = guidance_scale
-        self.scheduler = scheduler
         self.colormap = colormap
         self.alpha = alpha
         self.maps: list[TokenMaps] = []
@@ -160,23 +141,6 @@ class CrossAttentionHeatmapLogger(Callback):
             )
         return names
 
-    def _prompts(self, module: DiffusionModule) -> tuple[list[str], list[str] | None]:
-        """The prompts and negative prompts (one per prompt, or ``None``)."""
-        prompts = self.prompts or list(getattr(module, "validation_prompts", None) or [])
-        if not prompts:
-            raise ValueError(
-                f"CrossAttentionHeatmapLogger has no prompts: set prompts, or the module's validation_prompts "
-                f"({type(module).__name__} has none)."
-            )
-        negatives = self.negative_prompts
-        if negatives is not None and len(negatives) not in (1, len(prompts)):
-            raise ValueError(
-                f"negative_prompts has {len(negatives)} entries; expected 1 or one per prompt ({len(prompts)})."
-            )
-        if negatives is not None and len(negatives) == 1:
-            negatives = negatives * len(prompts)
-        return prompts, negatives
-
     def _steps(self, num_inference_steps: int) -> list[int]:
         """The steps whose own maps are kept, as loop indices; ``ValueError`` when one is out of range."""
         n, chosen = num_inference_steps, self.timestep_maps
@@ -192,50 +156,34 @@ class CrossAttentionHeatmapLogger(Callback):
         return sorted({i % n for i in chosen})
 
     @override
-    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
-        module = diffusion_module(pl_module, self)
-        self._layer_names(module)
-        self._prompts(module)
-        self._steps(sampling_defaults(module, self.num_inference_steps, self.guidance_scale)[0])
-        warn_if_after_weight_averaging(trainer, self)
+    def check(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        self._layer_names(pl_module)
+        self._steps(self.sampling_args(pl_module)[0])
 
     # ------------------------------------------------------------------ recording
 
     def record(self, pl_module: DiffusionModule) -> list[TokenMaps]:
         """Generate the prompts at the module's current weights; return (and keep in :attr:`maps`) their token maps."""
         names = self._layer_names(pl_module)
-        prompts, negatives = self._prompts(pl_module)
-        num_steps, guidance = sampling_defaults(pl_module, self.num_inference_steps, self.guidance_scale)
-        pipeline = pl_module.build_pipeline(self.scheduler)
-        pipeline.set_progress_bar_config(disable=True)
+        conditions = self.conditions(pl_module)
+        num_steps = self.sampling_args(pl_module)[0]
+        pipeline = self.pipeline(pl_module)
         size = getattr(pl_module, "image_size", None) or pipeline.unet.config.sample_size * pipeline.vae_scale_factor
-        accumulator = CrossAttentionAccumulator(self.resolution or size, self._steps(num_steps), len(prompts))
+        accumulator = CrossAttentionAccumulator(self.resolution or size, self._steps(num_steps), len(conditions))
 
         def advance(pipe: Any, i: int, t: Any, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
             accumulator.step = i + 1
             return {}
 
-        with (
-            sampling_mode(pl_module),
-            torch.random.fork_rng(devices=[]),
-            accumulator.attached(pl_module.denoiser, names),
-        ):
-            output = pipeline(
-                prompt=prompts,
-                negative_prompt=negatives,
-                num_inference_steps=num_steps,
-                guidance_scale=guidance,
-                generator=[torch.Generator().manual_seed(self.seed + i) for i in range(len(prompts))],
-                height=size,
-                width=size,
-                output_type="pt",
-                callback_on_step_end=advance,
+        generators = [torch.Generator().manual_seed(self.seed + i) for i in range(len(conditions))]
+        with accumulator.attached(pl_module.denoiser, names):
+            images = self.sample(
+                pl_module, conditions, pipeline=pipeline, generator=generators, callback_on_step_end=advance
             )
-        images = output.images.float().cpu()
         total = accumulator.maps()
         per_step = {step: accumulator.maps(step) for step in accumulator.steps_recorded}
         self.maps = []
-        for i, prompt in enumerate(prompts):
+        for i, prompt in enumerate(conditions.values):
             positions, ids, texts = prompt_tokens(pl_module.tokenizer, prompt)
             self.maps.append(
                 TokenMaps(
@@ -260,12 +208,10 @@ class CrossAttentionHeatmapLogger(Callback):
         return token_strip(tiles, ["image", *maps.tokens], title)
 
     @override
-    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if not sampling_due(trainer, self.every_n_epochs):
-            return
+    def on_sample(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
         folder = Path(trainer.default_root_dir) / "attention" / "cross" / f"step={trainer.global_step:06d}"
         folder.mkdir(parents=True, exist_ok=True)
-        for i, maps in enumerate(self.record(diffusion_module(pl_module, self))):
+        for i, maps in enumerate(self.record(pl_module)):
             strips = {f"attention/cross/{i}": (self.render(maps), f"{i:02d}.png")}
             for step in maps.step_maps:
                 strips[f"attention/cross/{i}/t={step}"] = (self.render(maps, step), f"{i:02d}_t={step}.png")

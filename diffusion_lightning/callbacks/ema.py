@@ -20,6 +20,20 @@ __all__ = ["EMA"]
 _COPY = "module."  # the prefix AveragedModel gives to the names of its copy's state
 
 
+class _TrainableParameters(torch.nn.Module):
+    """The trainable parameters of a module, held by reference in one flat list.
+
+    ``AveragedModel`` deep-copies the module it is given and pairs its parameters with those of the
+    module passed to ``update_parameters``; given this view, it copies and averages the trainable
+    parameters alone, and the frozen ones are neither duplicated nor touched.
+    """
+
+    def __init__(self, module: torch.nn.Module, names: list[str]) -> None:
+        super().__init__()
+        found = dict(module.named_parameters())
+        self.weights = torch.nn.ParameterList([found[name] for name in names])
+
+
 class EMA(EMAWeightAveraging):
     """An exponential moving average (EMA) of the denoiser's weights for validation, checkpoints and export.
 
@@ -34,8 +48,20 @@ class EMA(EMAWeightAveraging):
       400-step run at decay 0.999 keeps ``0.999 ** 400``, about 67 %, of the random initialization.
     - ``scope``: only one submodule (the denoiser by default) is copied and averaged, so a frozen VAE
       or text encoder is not duplicated.
+    - ``only_trainable``: when the scope has frozen parameters, e.g. the base weights of a UNet
+      trained with LoRA adapters (``LatentDiffusionModule(training_mode="lora")``), only its
+      trainable ones (the adapters) are copied, averaged and exchanged. The frozen weights never
+      change, so their average is themselves: copying them would only double their memory (a
+      Stable Diffusion UNet is 3.4 GB in fp32, its adapters a few MB) and the time of every update.
     - ``validate_raw``: the validation loss of the raw weights as well, logged as ``val/loss_raw``
       beside ``val/loss`` (which the EMA weights give).
+
+    Lightning's base class averages the whole LightningModule and finds the averaged weights in
+    checkpoints by their ``module.`` prefix, so ``setup``, ``on_train_batch_end`` and the checkpoint
+    hooks are written here to average the scope or its trainable parameters and to map them to their
+    names in the module; the ``AveragedModel`` with its ``n_averaged`` count, the exchange of weights
+    (``_swap_models``) and the callback state are the base class' (the internals used are listed in
+    :data:`~diffusion_lightning.utils.compat.WEIGHT_AVERAGING_INTERNALS`, checked on every upgrade).
 
     The weights are exchanged at ``on_validation_start``/``on_validation_end`` (the base class uses
     the epoch hooks), so every validation hook of any other callback, e.g. one drawing samples, sees
@@ -46,10 +72,12 @@ class EMA(EMAWeightAveraging):
     ``setup``, before the strategy moves the module to its device; here it follows the module there
     unless ``device`` is given.
 
-    Checkpoints hold the whole module with the EMA weights in the scope under ``state_dict`` (so
-    ``load_from_checkpoint`` and ``diffusion-lightning export`` give EMA weights), the raw weights
-    under ``current_model_state`` (``load_module(path, weights="raw")``) and the update count under
-    ``averaging_state``.
+    Checkpoints hold the whole module with the EMA weights of the averaged parameters under
+    ``state_dict`` (so ``load_from_checkpoint`` and ``diffusion-lightning export`` give EMA weights;
+    a LoRA export writes the averaged adapters), the raw weights under ``current_model_state``
+    (``load_module(path, weights="raw")``) and the update count under ``averaging_state``. A module
+    may drop frozen weights from both, as ``LatentDiffusionModule`` does: only the averaged ones
+    need to be there to resume.
 
     Args:
         decay: Largest decay of the average, in ``(0, 1)``; the warm-up rises towards it.
@@ -66,7 +94,12 @@ class EMA(EMAWeightAveraging):
             EMA copy equals the trained weights, and the warm-up counts from the first update.
         scope: Attribute path of the averaged submodule on the LightningModule: ``denoiser`` (the
             property of every ``DiffusionModule``), ``unet``, ``model.diffusion_model``; ``None``
-            averages the whole module.
+            averages the whole module. With ``LatentDiffusionModule(lora_text_encoder=True)``,
+            ``None`` averages the text encoder's adapters as well as the UNet's.
+        only_trainable: Average only the parameters of the scope that have ``requires_grad`` (buffers
+            are then neither averaged nor copied). ``None``: only those when some parameter of the
+            scope is frozen, when fitting starts; ``False`` averages all parameters (and buffers)
+            of the scope, frozen or not.
         validate_raw: Also log the raw weights' validation loss as ``val/loss_raw``, on the same
             fixed noise and timesteps (needs a ``DiffusionModule``), in the validations of ``fit`` and
             in ``validate`` after a ``fit`` of the same trainer.
@@ -85,6 +118,7 @@ class EMA(EMAWeightAveraging):
         update_every_n_steps: int = 1,
         update_starting_at_step: int = 0,
         scope: str | None = "denoiser",
+        only_trainable: bool | None = None,
         validate_raw: bool = False,
         device: str | None = None,
         use_buffers: bool = True,
@@ -122,8 +156,11 @@ class EMA(EMAWeightAveraging):
         self.inv_gamma = inv_gamma
         self.power = power
         self.scope = scope
+        self.only_trainable = only_trainable
         self.validate_raw = validate_raw
         self._module_name = ""  # registered name of the scope in the LightningModule, "" for all of it
+        self._trainable: list[str] | None = None  # names in the scope of the averaged parameters, None for all
+        self._keys: dict[str, str] = {}  # key in the averaged copy's state -> key in the module's state
         self._holds_average = False  # True while the module holds the EMA weights and the copy the raw ones
         self._swapped_for_validation = False
 
@@ -144,8 +181,13 @@ class EMA(EMAWeightAveraging):
 
     @property
     def average_model(self) -> AveragedModel | None:
-        """The averaged copy of the scope (``None`` outside ``fit``)."""
+        """The averaged copy of the scope, or of its trainable parameters (``None`` outside ``fit``)."""
         return self._average_model
+
+    @property
+    def averaged_keys(self) -> list[str]:
+        """The module's state-dict keys of the averaged weights (known once fitting has started)."""
+        return list(self._keys.values())
 
     # ------------------------------------------------------------------ set-up and updates
 
@@ -166,9 +208,14 @@ class EMA(EMAWeightAveraging):
             )
             pl_module.configure_model()
         self._module_name = self._resolve_scope(pl_module)
-        self._average_model = AveragedModel(
-            self._scope_of(pl_module), device=self._device, use_buffers=self._use_buffers, **self._kwargs
-        )
+        self._trainable = self._resolve_trainable(self._scope_of(pl_module))
+        tracked = self._tracked(pl_module)
+        self._average_model = AveragedModel(tracked, device=self._device, use_buffers=self._use_buffers, **self._kwargs)
+        prefix = f"{self._module_name}." if self._module_name else ""
+        if self._trainable is None:
+            self._keys = {_COPY + name: prefix + name for name in tracked.state_dict()}
+        else:
+            self._keys = {f"{_COPY}weights.{i}": prefix + name for i, name in enumerate(self._trainable)}
         self._holds_average = False
         self._latest_update_step = 0
 
@@ -181,11 +228,11 @@ class EMA(EMAWeightAveraging):
     def on_train_batch_end(
         self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: STEP_OUTPUT, batch: Any, batch_idx: int
     ) -> None:
-        # As the base class, but the average is updated from the scope rather than the whole module.
+        # As the base class, but the average is updated from the scope (or its trainable parameters).
         step_idx = trainer.global_step - 1
         if trainer.global_step > self._latest_update_step and self.should_update(step_idx=step_idx):
             assert self._average_model is not None
-            self._average_model.update_parameters(self._scope_of(pl_module))
+            self._average_model.update_parameters(self._tracked(pl_module))
             self._latest_update_step = trainer.global_step
 
     @override
@@ -254,13 +301,12 @@ class EMA(EMAWeightAveraging):
         self._sync_before_first_update(pl_module)
         module_state = checkpoint["state_dict"]
         copy_state = self._average_model.state_dict()
-        prefix = f"{self._module_name}." if self._module_name else ""
-        in_copy = {prefix + name[len(_COPY) :]: value for name, value in copy_state.items() if name.startswith(_COPY)}
+        in_copy = {self._keys[key]: value for key, value in copy_state.items() if key in self._keys}
         merged = {name: in_copy.get(name, value) for name, value in module_state.items()}
         ema, raw = (module_state, merged) if self._holds_average else (merged, module_state)
         checkpoint["state_dict"] = ema
         checkpoint["current_model_state"] = raw
-        checkpoint["averaging_state"] = {name: v for name, v in copy_state.items() if not name.startswith(_COPY)}
+        checkpoint["averaging_state"] = {key: value for key, value in copy_state.items() if key not in self._keys}
 
     @override
     def on_load_checkpoint(
@@ -273,11 +319,15 @@ class EMA(EMAWeightAveraging):
             # n_averaged is 0: the average follows the loaded weights until its first update copies them
             rank_zero_warn("The checkpoint was not written with EMA; the average starts again from its weights.")
             return
-        prefix = f"{self._module_name}." if self._module_name else ""
-        scoped = {
-            _COPY + name[len(prefix) :]: v for name, v in checkpoint["state_dict"].items() if name.startswith(prefix)
-        }
-        self._average_model.load_state_dict(scoped | checkpoint["averaging_state"])
+        ema = checkpoint["state_dict"]
+        missing = [name for name in self._keys.values() if name not in ema]
+        if missing:
+            raise KeyError(
+                f"the checkpoint's state_dict lacks {len(missing)} of the {len(self._keys)} averaged weight(s), "
+                f"e.g. {missing[:3]}; it was written by a run that trained other parameters."
+            )
+        averaged = {key: ema[name] for key, name in self._keys.items()}
+        self._average_model.load_state_dict(averaged | checkpoint["averaging_state"])
         # Lightning loaded "state_dict", which holds the EMA weights, into the module; it trains the raw ones.
         pl_module.load_state_dict(checkpoint["current_model_state"])
 
@@ -309,18 +359,40 @@ class EMA(EMAWeightAveraging):
             "so its weights would not be in checkpoints."
         )
 
+    def _resolve_trainable(self, scope: torch.nn.Module) -> list[str] | None:
+        """The names of the parameters to average when only the trainable ones are, else ``None``."""
+        named = list(scope.named_parameters())
+        trainable = [name for name, param in named if param.requires_grad]
+        if not (self.only_trainable or (self.only_trainable is None and len(trainable) < len(named))):
+            return None
+        if not trainable:
+            raise ValueError(
+                f"scope={self.scope!r}: every parameter of {type(scope).__name__} is frozen (requires_grad=False), "
+                f"so with only_trainable={self.only_trainable!r} there is nothing to average; expected a scope "
+                "that trains, e.g. 'text_encoder' or None for every trained parameter."
+            )
+        return trainable
+
     def _scope_of(self, pl_module: pl.LightningModule) -> torch.nn.Module:
         return pl_module.get_submodule(self._module_name)
+
+    def _tracked(self, pl_module: pl.LightningModule) -> torch.nn.Module:
+        """The module whose parameters (and buffers) are averaged: the scope, or a view of its trainable ones.
+
+        The view is built afresh at each call, so it always holds the module's current parameters.
+        """
+        scope = self._scope_of(pl_module)
+        return scope if self._trainable is None else _TrainableParameters(scope, self._trainable)
 
     def _sync_before_first_update(self, pl_module: pl.LightningModule) -> None:
         """Before its first update (``update_starting_at_step``) the average is the trained weights themselves."""
         average = self._average_model
         if average is not None and not self._holds_average and int(average.n_averaged) == 0:
-            average.module.load_state_dict(self._scope_of(pl_module).state_dict())
+            average.module.load_state_dict(self._tracked(pl_module).state_dict())
 
     @override
     def _swap_models(self, pl_module: pl.LightningModule) -> None:
         self._sync_before_first_update(pl_module)
         # The base class exchanges the parameters and buffers of its argument with those of the copy.
-        super()._swap_models(cast(pl.LightningModule, self._scope_of(pl_module)))
+        super()._swap_models(cast(pl.LightningModule, self._tracked(pl_module)))
         self._holds_average = not self._holds_average

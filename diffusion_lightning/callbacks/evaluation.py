@@ -1,12 +1,4 @@
-"""Evaluation during training: the ``evaluate`` command's scoring, every N epochs, on a bounded budget.
-
-Used by :class:`~diffusion_lightning.callbacks.DiffusionMetricsLogger` (``evaluate_every_n_epochs``
-and ``evaluation``). Rank 0 generates and scores (with EMA, the averaged weights, like every
-sampling callback placed after it); the scalars are broadcast and logged on every rank with
-``LightningModule.log``, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor
-``evals/accuracy`` or ``evals/fid`` under any strategy. Files go to
-``<default_root_dir>/eval/epoch=<e>/`` and the grids and per-class table to the loggers.
-"""
+"""Evaluation during training: the ``evaluate`` command's scoring, every N epochs, on a bounded budget."""
 
 from __future__ import annotations
 
@@ -14,12 +6,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
+from lightning.pytorch.trainer.states import TrainerFn
+from typing_extensions import override
 
-from diffusion_lightning.callbacks.samples import sampling_defaults, sampling_mode
+from diffusion_lightning.callbacks.sampling import SamplingCallback, sampling_mode
 from diffusion_lightning.metrics.evaluator import EvaluationConfig, Evaluator
+from diffusion_lightning.modules.base import DiffusionModule
 
-__all__ = ["PeriodicEvaluation", "bounded_config"]
+__all__ = ["TRAINING_DEFAULTS", "PeriodicEvaluation", "bounded_config"]
 
 
 #: What an evaluation during training changes from :class:`EvaluationConfig`'s defaults.
@@ -38,44 +32,87 @@ def bounded_config(config: EvaluationConfig | dict[str, Any] | None) -> Evaluati
     return EvaluationConfig(**values)
 
 
-class PeriodicEvaluation:
-    """Run an :class:`Evaluator` on the module being trained every ``every_n_epochs`` epochs.
+class PeriodicEvaluation(SamplingCallback):
+    """Run the ``evaluate`` command's :class:`~diffusion_lightning.metrics.Evaluator` every few epochs while fitting.
+
+    Rank 0 generates and scores (with this package's ``EMA``, the averaged weights) the model's
+    classes, or for a text-to-image model the ``prompts`` (default its ``validation_prompts``),
+    spread over ``evaluation.n_samples``; files go to ``<default_root_dir>/eval/epoch=<e>/`` and the
+    grids and per-class/per-prompt table to the loggers. The scalars are broadcast and logged on
+    every rank with ``LightningModule.log``, so ``EarlyStopping`` and ``ModelCheckpoint`` can monitor
+    ``evals/accuracy`` or ``evals/fid`` under any strategy. The judge and feature networks load at
+    ``setup``, so a missing weights file fails before training.
 
     Args:
-        every_n_epochs: Epochs between evaluations.
-        config: What to generate and measure (see :func:`bounded_config` for the defaults).
+        every_n_epochs: Epochs between evaluations (>= 1).
+        evaluation: What to generate and measure: fields of
+            :class:`~diffusion_lightning.metrics.EvaluationConfig` (its seed, steps, guidance and
+            scheduler included), where 100 samples, 10 sampling steps and no progress bars replace
+            its defaults.
+        classes: Classes to evaluate (class-conditioned models); default every class.
+        prompts: Prompts to evaluate (text-to-image models); default the module's ``validation_prompts``.
+        negative_prompts: One negative prompt per prompt, or one for all.
     """
 
-    def __init__(self, every_n_epochs: int, config: EvaluationConfig | dict[str, Any] | None = None) -> None:
-        if not isinstance(every_n_epochs, int) or every_n_epochs < 1:
-            raise ValueError(f"evaluate_every_n_epochs={every_n_epochs!r} is not accepted; expected an int >= 1.")
-        self.every_n_epochs = every_n_epochs
-        self.config = bounded_config(config)
-        self.evaluator: Evaluator | None = None
-        self.last_epoch: int | None = None
+    rank_zero_only = False  # every rank receives and logs the broadcast scalars
 
-    def setup(self, trainer: pl.Trainer) -> None:
+    def __init__(
+        self,
+        every_n_epochs: int = 5,
+        evaluation: dict[str, Any] | None = None,
+        classes: list[int] | None = None,
+        prompts: list[str] | None = None,
+        negative_prompts: list[str] | None = None,
+    ) -> None:
+        config = bounded_config(evaluation)
+        super().__init__(
+            every_n_epochs,
+            classes,
+            prompts,
+            negative_prompts,
+            seed=config.seed,
+            num_inference_steps=config.num_inference_steps,
+            guidance_scale=config.guidance_scale,
+            scheduler=config.scheduler,
+        )
+        self.config = config
+        self.evaluator: Evaluator | None = None
+        self.history: list[dict[str, Any]] = []
+        """One record per evaluation: epoch, step and the ``evals/`` scalars."""
+
+    def epoch_records(self) -> list[dict[str, Any]]:
+        """The per-epoch records, for :class:`~diffusion_lightning.callbacks.RunSummary`."""
+        return [{"epoch": r["epoch"], "step": r["step"], "evals": r["evals"]} for r in self.history]
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(r) for r in self.history]}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
+
+    @override
+    def check(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
         """Load the judge and feature networks on rank 0 now, so a missing file fails before training."""
-        if trainer.is_global_zero and self.evaluator is None:
+        if trainer.state.fn == TrainerFn.FITTING and trainer.is_global_zero and self.evaluator is None:
             datamodule = getattr(trainer, "datamodule", None)
             self.evaluator = Evaluator(self.config, datamodule if hasattr(datamodule, "datasets") else None)
 
-    def due(self, trainer: pl.Trainer) -> bool:
-        epoch = trainer.current_epoch
-        return (epoch + 1) % self.every_n_epochs == 0 and self.last_epoch != epoch
-
-    def run(self, trainer: pl.Trainer, pl_module: Any) -> dict[str, float]:
+    def run(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> dict[str, float]:
         """Evaluate (rank 0), log media there, and log the scalars on every rank; returns them."""
-        self.last_epoch = trainer.current_epoch
         values: dict[str, float] = {}
         if trainer.is_global_zero:
             assert self.evaluator is not None
-            steps, scale = sampling_defaults(pl_module, None, None)
-            device = pl_module.device
-            rng_devices = [device.index or 0] if device.type == "cuda" else []
-            with sampling_mode(pl_module), torch.random.fork_rng(devices=rng_devices):
-                pipeline = pl_module.build_pipeline(self.config.scheduler)
-                result = self.evaluator.evaluate(pipeline, steps, scale)
+            steps, scale = self.sampling_args(pl_module)
+            with sampling_mode(pl_module):
+                result = self.evaluator.evaluate(
+                    self.pipeline(pl_module),
+                    steps,
+                    scale,
+                    conditions=self.conditions(pl_module),
+                    image_size=getattr(pl_module, "image_size", None),
+                )
             folder = Path(trainer.default_root_dir) / "eval" / f"epoch={trainer.current_epoch}"
             result.write(folder, epoch=trainer.current_epoch, step=trainer.global_step)
             result.log(trainer, scalars=False)
@@ -83,4 +120,9 @@ class PeriodicEvaluation:
         values = trainer.strategy.broadcast(values, src=0)
         for name, value in values.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "evals": values})
         return values
+
+    @override
+    def on_sample(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
+        self.run(trainer, pl_module)

@@ -1,10 +1,9 @@
 """What a run is made of (components, sizes, noise schedule, CLI config) and how it went.
 
-:class:`~diffusion_lightning.callbacks.RunSummary` logs the description when training starts
-and stores it in ``metrics.json``; :class:`~diffusion_lightning.callbacks.DiffusionMetricsLogger`
-measures the loss per noise level with :class:`TimestepBucketLoss` and generation with
-:class:`LatentRecorder` and :func:`peak_memory_mb`, and draws its per-epoch history with
-:func:`summary_figure` when fitting ends.
+:class:`~diffusion_lightning.callbacks.RunSummary` logs the description when training starts,
+stores it in ``metrics.json`` and draws the callbacks' per-epoch records with :func:`summary_figure`
+when fitting ends; :class:`~diffusion_lightning.callbacks.GenerationMonitor` measures generation
+with :class:`LatentRecorder` and :func:`peak_memory_mb`.
 
 Lightning's ``ModelSummary`` prints layer tables to the console only; here the per-component
 counts reach the loggers as scalars and hyperparameters (so runs can be compared by size) and as a
@@ -34,7 +33,6 @@ from diffusion_lightning.loggers.media import log_text
 
 __all__ = [
     "LatentRecorder",
-    "TimestepBucketLoss",
     "describe_components",
     "describe_noise_scheduler",
     "describe_run",
@@ -169,65 +167,6 @@ def log_run_description(trainer: pl.Trainer, pl_module: pl.LightningModule) -> d
     return description
 
 
-class TimestepBucketLoss:
-    """Per-sample losses summed and counted per timestep bucket, on the losses' device.
-
-    Timestep ``t`` of ``[0, T)`` falls in bucket ``t * num_buckets // T``. Adding is two
-    ``index_add_`` on the device, without a host sync; :meth:`collect` reads the sums (row 0 of
-    :attr:`totals`) and counts (row 1) in one collective and one device-to-host copy.
-    torchmetrics has no grouped mean, hence this class.
-
-    Args:
-        num_buckets: Number of equal timestep ranges.
-        num_train_timesteps: ``T``, the length of the forward process.
-    """
-
-    def __init__(self, num_buckets: int, num_train_timesteps: int) -> None:
-        if not 1 <= num_buckets <= num_train_timesteps:
-            raise ValueError(f"num_buckets={num_buckets!r} must be in 1..num_train_timesteps={num_train_timesteps}.")
-        self.num_buckets = num_buckets
-        self.num_train_timesteps = num_train_timesteps
-        self.totals = torch.zeros(2, num_buckets, dtype=torch.float64)
-        self.epoch: int | None = None
-        """The epoch the sums belong to, when a caller tracks it."""
-
-    def edges(self) -> list[tuple[int, int]]:
-        """Inclusive ``(lo, hi)`` timesteps of each bucket."""
-        steps, n = self.num_train_timesteps, self.num_buckets
-        starts = [-(-b * steps // n) for b in range(n + 1)]  # ceil(b * T / n)
-        return [(starts[b], starts[b + 1] - 1) for b in range(n)]
-
-    def add(self, losses: torch.Tensor, timesteps: torch.Tensor) -> None:
-        """Add per-sample ``losses`` of samples noised at ``timesteps`` (both ``(B,)``)."""
-        if self.totals.device != losses.device:  # float64 sums and counts, where the device has them
-            dtype = torch.float32 if losses.device.type == "mps" else torch.float64
-            self.totals = self.totals.to(device=losses.device, dtype=dtype)
-        index = timesteps.long().to(losses.device) * self.num_buckets // self.num_train_timesteps
-        index = index.clamp_(0, self.num_buckets - 1)
-        self.totals[0].index_add_(0, index, losses.detach().to(self.totals.dtype))
-        self.totals[1].index_add_(0, index, torch.ones_like(index, dtype=self.totals.dtype))
-
-    def collect(self, strategy: Any) -> tuple[list[float | None], float | None]:
-        """Sum over processes (``strategy.reduce``), reset, and return bucket means and the overall mean.
-
-        Empty buckets give ``None``. Every process must call it, as for any collective.
-        """
-        totals = strategy.reduce(self.totals.clone(), reduce_op="sum")
-        self.totals.zero_()
-        sums, counts = totals.tolist()
-        means = [s / c if c > 0 else None for s, c in zip(sums, counts)]
-        return means, (sum(sums) / sum(counts) if sum(counts) > 0 else None)
-
-    def state_dict(self) -> dict[str, Any]:
-        """The sums, counts and epoch as plain lists (for checkpoints)."""
-        return {"totals": self.totals.cpu().tolist(), "epoch": self.epoch}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        """Restore what :meth:`state_dict` returned."""
-        self.totals = torch.tensor(state["totals"], dtype=torch.float64)
-        self.epoch = state.get("epoch")
-
-
 class LatentRecorder:
     """A pipeline ``callback_on_step_end`` that keeps the last latents and a few for a trajectory.
 
@@ -277,7 +216,7 @@ def summary_figure(history: list[dict[str, Any]], bucket_edges: list[tuple[int, 
 
     Loss per timestep bucket (training, one line per epoch from light to dark, and the last
     validation dashed), generation time per image, peak memory and the latent statistics over
-    epochs. ``history`` is :attr:`DiffusionMetricsLogger.history`; missing values are skipped.
+    epochs. ``history`` is :meth:`RunSummary.history`'s per-epoch records; missing values are skipped.
     """
     figure = Figure(figsize=(11, 7.5), layout="constrained")
     FigureCanvasAgg(figure)

@@ -1,4 +1,4 @@
-"""Describe a run when training starts; write a JSON summary (steps, wall time, metrics) when fitting ends."""
+"""Describe a run when training starts; write a JSON summary and a summary figure when fitting ends."""
 
 from __future__ import annotations
 
@@ -8,13 +8,14 @@ from pathlib import Path
 from typing import Any
 
 import lightning.pytorch as pl
+import PIL.Image
 import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from diffusion_lightning.callbacks.metrics import DiffusionMetricsLogger
-from diffusion_lightning.callbacks.run_info import describe_run, log_run_description
+from diffusion_lightning.callbacks.run_info import describe_run, log_run_description, summary_figure
+from diffusion_lightning.loggers.media import log_image
 from diffusion_lightning.utils.io import write_json
 
 
@@ -26,10 +27,15 @@ class RunSummary(Callback):
     under ``metrics`` (final train and validation losses among them) and the best and last
     checkpoint paths, the run's description (``components``: class and total/trainable parameters
     of each child network; ``noise_scheduler``: its diffusers config; ``cli_config``: the path of
-    the ``config.yaml`` LightningCLI saved) and, when a
-    :class:`~diffusion_lightning.callbacks.DiffusionMetricsLogger` is attached, its per-epoch
-    history under ``diffusion``. Written atomically, by rank 0 only, beside the ``checkpoints``
-    folder of the CLI.
+    the ``config.yaml`` LightningCLI saved) and, under ``diffusion``, the per-epoch records of the
+    callbacks that keep them (:class:`~diffusion_lightning.callbacks.TimestepLossLogger`'s loss per
+    timestep bucket, :class:`~diffusion_lightning.callbacks.GenerationMonitor`'s generation cost and
+    latent statistics, :class:`~diffusion_lightning.callbacks.PeriodicEvaluation`'s scores), merged
+    by epoch. Written atomically, by rank 0 only, beside the ``checkpoints`` folder of the CLI.
+
+    With ``summary_figure`` and such records, it also draws them in
+    ``<default_root_dir>/summary.png`` when fitting ends (loss per timestep bucket per epoch,
+    generation time, peak memory, latent statistics) and logs it as the image ``diffusion/summary``.
 
     With ``log_description`` the description also goes to the loggers when training starts (see
     :func:`~diffusion_lightning.callbacks.run_info.log_run_description`): parameter counts as
@@ -40,11 +46,13 @@ class RunSummary(Callback):
     Args:
         path: Where to write; default ``<trainer.default_root_dir>/metrics.json``.
         log_description: Log the run's description to the loggers when training starts.
+        summary_figure: Draw and log ``summary.png`` when fitting ends.
     """
 
-    def __init__(self, path: str | None = None, log_description: bool = True) -> None:
+    def __init__(self, path: str | None = None, log_description: bool = True, summary_figure: bool = True) -> None:
         self.path = path
         self.log_description = log_description
+        self.summary_figure = summary_figure
         self._start: float | None = None
         self._start_step = 0
         self._log_dir: str | None = None  # trainer.log_dir, read by every process when fitting starts
@@ -92,10 +100,28 @@ class RunSummary(Callback):
             "pid": os.getpid(),
             **describe_run(trainer, trainer.lightning_module, log_dir=self._summary_log_dir(trainer)),
         }
-        diffusion = next((cb for cb in trainer.callbacks if isinstance(cb, DiffusionMetricsLogger)), None)
-        if diffusion is not None:
-            summary["diffusion"] = diffusion.summary()
+        edges, epochs = self.history(trainer)
+        if epochs:
+            summary["diffusion"] = {"timestep_buckets": [list(edge) for edge in edges], "epochs": epochs}
         return summary
+
+    @staticmethod
+    def history(trainer: pl.Trainer) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
+        """The timestep buckets and the per-epoch records of every callback that keeps them, merged by epoch."""
+        edges: list[tuple[int, int]] = []
+        merged: dict[int, dict[str, Any]] = {}
+        for callback in trainer.callbacks:
+            records = getattr(callback, "epoch_records", None)
+            if not callable(records):
+                continue
+            for record in records():
+                into = merged.setdefault(record["epoch"], {"epoch": record["epoch"], "step": record["step"]})
+                into.update({k: v for k, v in record.items() if k != "step"})
+                into["step"] = max(into["step"], record["step"])
+            edges = edges or list(getattr(callback, "bucket_edges", None) or [])
+            for part in getattr(callback, "parts", []):  # a group of callbacks (the deprecated DiffusionMetricsLogger)
+                edges = edges or list(getattr(part, "bucket_edges", None) or [])
+        return edges, [merged[epoch] for epoch in sorted(merged)]
 
     def _summary_log_dir(self, trainer: pl.Trainer) -> str:
         """Where LightningCLI saved ``config.yaml``, without a collective ("" when unknown)."""
@@ -110,6 +136,18 @@ class RunSummary(Callback):
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._write(trainer, "interrupted" if trainer.interrupted else "finished")
+        if self.summary_figure and trainer.is_global_zero:
+            self._draw(trainer)
+
+    def _draw(self, trainer: pl.Trainer) -> None:
+        edges, epochs = self.history(trainer)
+        if not epochs:
+            return
+        path = Path(trainer.default_root_dir) / "summary.png"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        summary_figure(epochs, edges).savefig(path, dpi=100)
+        with PIL.Image.open(path) as image:
+            log_image(trainer, "diffusion/summary", image.convert("RGB"))
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:

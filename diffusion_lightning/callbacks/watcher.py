@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import math
-from fnmatch import fnmatchcase
 from functools import partial
 from typing import Any
 
@@ -14,23 +13,13 @@ from lightning.pytorch.utilities import rank_zero_warn
 from torch.utils.hooks import RemovableHandle
 from typing_extensions import override
 
+from diffusion_lightning.callbacks._watch_selection import select_modules
+from diffusion_lightning.callbacks._watch_stats import STATISTICS, first_tensor, statistics
 from diffusion_lightning.loggers.media import log_histogram
 
 WATCH_KINDS = ("activations", "gradients", "parameters")
 """What can be watched."""
-STATISTICS = ("hist", "mean", "std", "norm", "min", "max", "var", "abs_mean")
-"""Statistics that can be logged; ``hist`` is a histogram, the others are scalars."""
-
 _PREFIX = {"activations": "debug/activation", "gradients": "debug/gradient", "parameters": "debug/parameters"}
-_REDUCTIONS = {
-    "mean": torch.mean,
-    "std": lambda x: torch.std(x, correction=0),
-    "var": lambda x: torch.var(x, correction=0),
-    "norm": torch.linalg.vector_norm,
-    "min": torch.min,
-    "max": torch.max,
-    "abs_mean": lambda x: x.abs().mean(),
-}
 
 
 class NonFiniteGradientError(FloatingPointError):
@@ -46,26 +35,6 @@ class NonFiniteGradientError(FloatingPointError):
         self.module_name = module_name
 
 
-def _statistics(values: torch.Tensor, names: tuple[str, ...]) -> torch.Tensor:
-    """The named scalar statistics of all entries of ``values`` as one float32 vector (population std/var)."""
-    x = values.detach().reshape(-1).float()
-    if not names:
-        return x.new_empty(0)
-    return torch.stack([_REDUCTIONS[name](x) for name in names])
-
-
-def _first_tensor(output: Any) -> torch.Tensor | None:
-    """The first floating-point tensor of a module output (a tensor, a tuple, or a diffusers ``BaseOutput``)."""
-    if isinstance(output, torch.Tensor):
-        return output if output.is_floating_point() and output.numel() > 0 else None
-    values = output.values() if isinstance(output, dict) else output if isinstance(output, (list, tuple)) else ()
-    for value in values:
-        tensor = _first_tensor(value)
-        if tensor is not None:
-            return tensor
-    return None
-
-
 def _check_names(field: str, values: list[str] | None, accepted: tuple[str, ...]) -> tuple[str, ...]:
     chosen = tuple(dict.fromkeys(values if values is not None else accepted))
     unknown = [v for v in chosen if v not in accepted]
@@ -78,7 +47,7 @@ class GradientActivationWatcher(Callback):
     """Log statistics of activations, gradients and parameters of chosen modules; guard against NaN/inf.
 
     Every ``log_every_n_steps`` optimizer steps (step 0 included), for the modules selected by
-    ``patterns`` and ``module_types``, it logs the chosen statistics of
+    ``patterns`` and ``module_types`` when fitting starts, it logs the chosen statistics of
 
     - ``activations``: the module's forward output (its first floating-point tensor, first call in
       the step), through forward hooks installed when the watched step's batch starts and removed
@@ -104,16 +73,27 @@ class GradientActivationWatcher(Callback):
     non-finite activation of a watched step is reported with its module (first in forward order).
     Under fp16 mixed precision the gradient scaler already skips non-finite steps, so it checks.
 
+    Frozen components, the direct children of the LightningModule whose parameters all have
+    ``requires_grad=False`` (the VAE and, unless it trains, the text encoder of a
+    ``LatentDiffusionModule``), are not watched unless a pattern names them: their gradients do not
+    exist and their weights do not change. So ``module_types: [ResnetBlock2D]`` watches the UNet's
+    blocks but not the VAE's, and ``patterns: ["vae.encoder.*"]`` watches the VAE's encoder. Inside a
+    component that trains every module can be watched, frozen or not, e.g. the ResNet blocks of a UNet
+    trained with LoRA adapters: the adapters' gradients flow through them and their activations
+    follow the adapters.
+
     Lightning's ``grad_norm`` and ``detect_anomaly`` and W&B's ``watch`` neither watch activations of
     chosen modules for any logger nor skip non-finite steps, hence this callback.
 
     Args:
         patterns: Glob patterns (``fnmatch``, ``*`` also crosses dots) on the names of
             ``pl_module.named_modules()``, e.g. ``"unet.down_blocks.*.resnets.?"``. Each must match
-            some module.
+            some module. A pattern reaches into a frozen component only when its first dotted part
+            is the component's name (``vae.*``, ``text_encoder``; not ``*`` or ``*.attentions.*``).
         module_types: Class names, e.g. ``"Conv2d"``, ``"Attention"``, ``"ResnetBlock2D"`` (a
-            subclass counts as its base classes too). Each must match some module. Given together
-            with ``patterns``, a module must match both.
+            subclass counts as its base classes too), matched outside frozen components (and in
+            those that ``patterns`` name). Each must match some module. Given together with
+            ``patterns``, a module must match both.
         watch: Any of ``activations``, ``gradients``, ``parameters`` (default: all). An empty list
             keeps only the non-finite guard, and then no module needs to be selected.
         stats: Any of ``hist``, ``mean``, ``std``, ``norm``, ``min``, ``max``, ``var``,
@@ -184,33 +164,6 @@ class GradientActivationWatcher(Callback):
 
     # ------------------------------------------------------------------ selection
 
-    def _select_modules(self, pl_module: pl.LightningModule) -> list[tuple[str, torch.nn.Module]]:
-        named = [(name, module) for name, module in pl_module.named_modules() if name]
-        model = type(pl_module).__name__
-        for pattern in self.patterns:
-            if not any(fnmatchcase(name, pattern) for name, _ in named):
-                examples = [name for name, _ in named if name.count(".") <= 2][:12]
-                raise ValueError(
-                    f"patterns entry {pattern!r} matches no module of {model}; module names look like {examples}."
-                )
-        classes = {name: {cls.__name__ for cls in type(module).__mro__} for name, module in named}
-        for type_name in self.module_types:
-            if not any(type_name in found for found in classes.values()):
-                present = sorted({type(module).__name__ for _, module in named})
-                raise ValueError(f"module_types entry {type_name!r} matches no module of {model}; it has {present}.")
-        selected = [
-            (name, module)
-            for name, module in named
-            if (not self.patterns or any(fnmatchcase(name, p) for p in self.patterns))
-            and (not self.module_types or not classes[name].isdisjoint(self.module_types))
-        ]
-        if not selected:
-            raise ValueError(
-                f"patterns={list(self.patterns)!r} and module_types={list(self.module_types)!r} each match modules "
-                f"of {model}, but no module matches both."
-            )
-        return selected
-
     def _next_histogram_modules(self) -> frozenset[str]:
         if "hist" not in self.stats or self.max_histograms == 0:
             return frozenset()
@@ -227,7 +180,7 @@ class GradientActivationWatcher(Callback):
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         self._last_watched = -1
         if self.watch or self.patterns or self.module_types:
-            self._modules = self._select_modules(pl_module)
+            self._modules = select_modules(pl_module, self.patterns, self.module_types)
 
     @override
     def on_train_batch_start(
@@ -247,12 +200,12 @@ class GradientActivationWatcher(Callback):
                 self._handles.append(module.register_forward_hook(partial(self._record_activation, name)))
 
     def _record_activation(self, name: str, module: torch.nn.Module, args: Any, output: Any) -> None:
-        tensor = _first_tensor(output)
+        tensor = first_tensor(output)
         if tensor is None or name in self._activations:
             return
         with torch.no_grad():
             values = tensor.detach()
-            self._activations[name] = (_statistics(values, self._scalar_stats), torch.isfinite(values).all())
+            self._activations[name] = (statistics(values, self._scalar_stats), torch.isfinite(values).all())
             if name in self._histogram_names:
                 self._activation_values[name] = self._histogram_values(values)
 
@@ -360,7 +313,7 @@ class GradientActivationWatcher(Callback):
                     continue
                 with torch.no_grad():
                     flat = torch.cat([t.detach().reshape(-1).float() for t in tensors])
-                    stats[name] = _statistics(flat, self._scalar_stats)
+                    stats[name] = statistics(flat, self._scalar_stats)
                 if name in self._histogram_names:
                     values[name] = self._histogram_values(flat)
             self._log(trainer, kind, stats, values)

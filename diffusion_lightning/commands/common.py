@@ -1,38 +1,33 @@
-"""Loading what training leaves behind: a checkpoint or an exported pipeline."""
+"""Command-line options for what training leaves behind (a checkpoint or an exported pipeline), and loading it.
+
+The loading itself is :mod:`diffusion_lightning.modules.loading`; here its errors become the commands' messages.
+"""
 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 from typing import Any
 
 from diffusers import DiffusionPipeline
 
-from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
-from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler
-from diffusion_lightning.utils.checkpoint import load_module
-
-#: Pipeline classes of this package, which ``DiffusionPipeline.from_pretrained`` cannot find in diffusers.
-LOCAL_PIPELINES: dict[str, type[DiffusionPipeline]] = {"ClassConditionedPipeline": ClassConditionedPipeline}
-
-#: Sampling defaults of an exported pipeline folder (which records no steps or guidance).
-PIPELINE_DEFAULTS: dict[str, Any] = {"steps": 25, "guidance_scale": 2.0}
-#: The same for text-to-image pipelines: diffusers' usual guidance for Stable Diffusion.
-TEXT_PIPELINE_DEFAULTS: dict[str, Any] = {"steps": 25, "guidance_scale": 7.5}
+from diffusion_lightning.modules.loading import WEIGHTS, load_pipeline_source
+from diffusion_lightning.schedulers import SCHEDULERS
 
 
 def add_source_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--ckpt``, ``--pipeline`` and ``--weights``: where the model comes from."""
     parser.add_argument("--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", help="a .ckpt file written by fit")
     parser.add_argument("--pipeline", help="an exported pipeline folder (or hub id)")
     parser.add_argument(
         "--weights",
-        choices=("ema", "raw"),
+        choices=WEIGHTS,
         default="ema",
         help="with --ckpt: the EMA weights when the run had them (default) or the raw trained ones",
     )
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--scheduler``, ``--steps``, ``--guidance-scale``, ``--seed`` and ``--device``: how it samples."""
     parser.add_argument(
         "--scheduler", choices=sorted(SCHEDULERS), help="sampling scheduler (default: the pipeline's own)"
     )
@@ -48,67 +43,22 @@ def add_sampling_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N or mps")
 
 
-def is_text_pipeline(pipeline: Any) -> bool:
-    """Whether ``pipeline`` is conditioned on text (Stable Diffusion and kin: it has a text encoder)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-    if isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)):
-        return True
-    return getattr(pipeline, "text_encoder", None) is not None
-
-
-def _pipeline_class(source: str) -> type[DiffusionPipeline]:
-    """The class that loads the pipeline folder (or hub id) ``source``, from its ``model_index.json``."""
-    try:
-        config = DiffusionPipeline.load_config(source)
-    except (OSError, ValueError) as error:
-        raise SystemExit(
-            f"error: --pipeline {source!r} could not be read ({error}); give an exported pipeline folder."
-        ) from error
-    name = config.get("_class_name")
-    return LOCAL_PIPELINES.get(name, DiffusionPipeline)
-
-
-def _load_pipeline_folder(source: str) -> DiffusionPipeline:
-    path = Path(source)
-    if path.exists() and not (path / "model_index.json").is_file():
-        if (path / "pytorch_lora_weights.safetensors").is_file():
-            raise SystemExit(
-                f"error: --pipeline {source!r} holds LoRA adapter weights only (pytorch_lora_weights.safetensors); "
-                "export the run with --merge-lora for a full pipeline, or sample from its --ckpt."
-            )
-        raise SystemExit(f"error: --pipeline {source!r} has no model_index.json; is it an exported pipeline?")
-    cls = _pipeline_class(source)
-    try:
-        return cls.from_pretrained(source)
-    except AttributeError as error:  # a _class_name that neither diffusers nor this package defines
-        raise SystemExit(
-            f"error: --pipeline {source!r} names a pipeline class diffusers does not know ({error}); "
-            f"this package adds {sorted(LOCAL_PIPELINES)}."
-        ) from error
-
-
 def load_pipeline(args: argparse.Namespace) -> tuple[DiffusionPipeline, dict[str, Any]]:
     """The pipeline named by ``--ckpt`` or ``--pipeline`` and the sampling defaults it carries.
 
     ``--pipeline`` loads any diffusers pipeline folder (the class comes from its ``model_index.json``;
     this package's :class:`ClassConditionedPipeline` included); ``--scheduler`` replaces its scheduler,
     keeping the noise schedule. The defaults are ``steps`` and ``guidance_scale``, plus ``image_size``
-    when a ``--ckpt`` module records one.
+    when a ``--ckpt`` module records one (see :func:`~diffusion_lightning.modules.loading.load_pipeline_source`).
+
+    Raises:
+        SystemExit: With an ``error: ...`` message when the options or the source are not usable.
     """
     if bool(args.ckpt) == bool(args.pipeline):
         raise SystemExit("error: give exactly one of --ckpt FILE or --pipeline DIR.")
-    defaults: dict[str, Any] = dict(PIPELINE_DEFAULTS)
-    if args.ckpt:
-        module = load_module(args.ckpt, weights=args.weights)
-        pipeline = module.build_pipeline(args.scheduler)
-        defaults = {"steps": module.num_inference_steps, "guidance_scale": module.guidance_scale}
-        if getattr(module, "image_size", None):
-            defaults["image_size"] = int(module.image_size)
-    else:
-        pipeline = _load_pipeline_folder(args.pipeline)
-        if is_text_pipeline(pipeline):
-            defaults = dict(TEXT_PIPELINE_DEFAULTS)
-        if args.scheduler:
-            pipeline.scheduler = make_scheduler(args.scheduler, pipeline.scheduler.config)
-    return pipeline, defaults
+    try:
+        return load_pipeline_source(
+            ckpt=args.ckpt or None, pipeline=args.pipeline or None, weights=args.weights, scheduler=args.scheduler
+        )
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error

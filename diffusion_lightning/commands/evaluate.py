@@ -1,16 +1,20 @@
-"""``diffusion-lightning evaluate``: generate, score, write ``eval/`` and log under ``evals/``."""
+"""``diffusion-lightning evaluate``: generate, score, write ``eval/`` and log under ``evals/``.
+
+Class-conditioned models are evaluated over their classes (``per_class.csv``), text-to-image models
+over prompts (``--prompts FILE``, else a checkpoint's ``validation_prompts``; ``per_prompt.csv``).
+The samples are compared with real images: ``--reference DIR`` (a folder of images, or a captions
+folder with ``metadata.jsonl``), else the ``--reference-split`` of ``--data`` (embedded MNIST by default).
+"""
 
 from __future__ import annotations
 
 import argparse
-import importlib
 import logging
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 
 from diffusion_lightning.commands.common import add_sampling_arguments, load_pipeline
 from diffusion_lightning.metrics.evaluator import (
@@ -21,7 +25,10 @@ from diffusion_lightning.metrics.evaluator import (
     Evaluator,
 )
 from diffusion_lightning.metrics.judge import DEFAULT_JUDGE
+from diffusion_lightning.metrics.prompts import FORMAT as PROMPTS_FORMAT
+from diffusion_lightning.metrics.prompts import PromptSet, read_prompts
 from diffusion_lightning.metrics.report import EvaluationResult
+from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, condition_spec
 from diffusion_lightning.utils.device import resolve_device
 
 LOGGERS = ("tensorboard", "csv", "wandb", "neptune", "none")
@@ -32,8 +39,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffusion-lightning evaluate",
         description="Generate n samples from a checkpoint or pipeline (or take real images), score them with the "
         "digit judge, FID/KID, precision/recall/realism and optionally IS, LPIPS and CLIP score, and write "
-        "OUT/metrics.json, OUT/per_class.csv, OUT/worst.png, OUT/samples.png and OUT/confusion.png; the "
-        "numbers go to a logger under evals/. Same arguments and seed, same numbers.",
+        "OUT/metrics.json, OUT/per_class.csv (class models) or OUT/per_prompt.csv (text-to-image models, "
+        "--prompts), OUT/worst.png, OUT/samples.png and OUT/confusion.png; the numbers go to a logger under "
+        "evals/. Same arguments and seed, same numbers.",
     )
     source = parser.add_mutually_exclusive_group(required=True)
     source.add_argument("--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", help="a .ckpt file written by fit")
@@ -45,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", help="output folder (default: eval/ beside the run or pipeline)")
     parser.add_argument(
         "--n-samples", "--n_samples", dest="n_samples", type=int, default=500,
-        help="samples, spread evenly over the classes (default: %(default)s)",
+        help="samples, spread evenly over the classes or prompts (default: %(default)s)",
     )  # fmt: skip
     parser.add_argument(
         "--batch-size",
@@ -72,7 +80,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="report LPIPS from a random backbone when no weights are found (not comparable to published values)",
     )  # fmt: skip
     parser.add_argument("--clip-model", dest="clip_model", help="local folder of a CLIP model (for --metrics clip)")
-    parser.add_argument("--clip-prompt", dest="clip_prompt", default="a handwritten digit {name}")
+    parser.add_argument(
+        "--clip-prompt", dest="clip_prompt", default="a handwritten digit {name}",
+        help="CLIP's text per class of a class model, {name} the class name (text models use their prompts)",
+    )  # fmt: skip
+    parser.add_argument(
+        "--prompts", metavar="FILE",
+        help="prompts of a text-to-image model: one per line, 'prompt<TAB>class' to give the judge's class; blank "
+        "lines and # comments are ignored (default with --ckpt: the module's validation_prompts). With --real, "
+        "the classes of captions that name no digit",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference", metavar="DIR",
+        help="real images compared with the samples: a folder of images, or a captions folder (metadata.jsonl); "
+        "default: --reference-split of --data",
+    )  # fmt: skip
+    parser.add_argument(
+        "--reference-size", "--reference_size", dest="reference_size", type=int,
+        help="side --reference images are resized and cropped to (default: the short side of the first one)",
+    )  # fmt: skip
     parser.add_argument(
         "--data", help="YAML with a data: section (class_path/init_args) for the real images (default: embedded MNIST)"
     )
@@ -91,17 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def load_datamodule(path: str | None) -> Any:
-    """The data module of a YAML config's ``data:`` section, or embedded MNIST."""
+    """The data module of a YAML config's ``data:`` section (built as ``fit`` builds it), or embedded MNIST."""
     if path is None:
         from diffusion_lightning.data.mnist import MNISTDataModule
 
         return MNISTDataModule()
-    config = yaml.safe_load(Path(path).read_text())
-    data = (config or {}).get("data")
-    if not isinstance(data, dict) or "class_path" not in data:
-        raise SystemExit(f"error: --data {path!r} has no data: section with a class_path.")
-    module_name, _, name = data["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module_name), name)(**(data.get("init_args") or {}))
+    from diffusion_lightning.utils.config import load_datamodule_config
+
+    try:
+        return load_datamodule_config(path)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: --data: {error}") from error
 
 
 def make_loggers(kind: str, out: Path) -> list[Any]:
@@ -134,7 +160,11 @@ def default_out(args: argparse.Namespace) -> Path:
     return Path("outputs") / ("eval-real-" + args.real if args.real else "eval")
 
 
-def _real_images(datamodule: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _real_images(datamodule: Any, split: str, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor | Conditions]:
+    """``n`` images of ``split`` (seeded) in ``[0, 1]`` and what they show: class labels, or their captions.
+
+    Samples are ordered by class (or caption, in first-seen order); unreadable images are left out.
+    """
     datamodule.setup("fit" if split in ("train", "val") else split)
     if split not in datamodule.datasets:
         raise SystemExit(
@@ -144,15 +174,75 @@ def _real_images(datamodule: Any, split: str, n: int, seed: int) -> tuple[torch.
     index = torch.arange(len(dataset))
     if n < len(dataset):
         index = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(seed))[:n].sort().values
-    images = torch.stack([dataset[i]["images"] for i in index.tolist()])
-    labels = torch.stack([dataset[i]["labels"] for i in index.tolist()])
-    order = torch.sort(labels, stable=True).indices
-    return (images[order] / 2 + 0.5).clamp(0, 1), labels[order]
+    samples = [sample for sample in (dataset[i] for i in index.tolist()) if isinstance(sample, dict)]
+    if not samples:
+        raise SystemExit(f"error: --real {split!r}: none of the {index.numel()} images drawn could be read.")
+    images = (torch.stack([s["images"] for s in samples]) / 2 + 0.5).clamp(0, 1)
+    if "labels" in samples[0]:
+        labels = torch.stack([torch.as_tensor(s["labels"]) for s in samples])
+        order = torch.sort(labels, stable=True).indices
+        return images[order], labels[order]
+    if "captions" not in samples[0]:
+        raise SystemExit(f"error: --real {split!r}: the data's samples have neither labels nor captions.")
+    captions = tuple(s["captions"] for s in samples)
+    conditions = Conditions("prompt", captions, captions)
+    by_caption = torch.sort(conditions.groups(), stable=True).indices.tolist()
+    ordered = tuple(captions[i] for i in by_caption)
+    return images[by_caption], Conditions("prompt", ordered, ordered)
+
+
+def _source(args: argparse.Namespace) -> str:
+    return f"--ckpt {args.ckpt!r}" if args.ckpt else f"--pipeline {args.pipeline!r}"
+
+
+def _read_prompts(args: argparse.Namespace) -> PromptSet | None:
+    if args.prompts is None:
+        return None
+    try:
+        return read_prompts(args.prompts)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: --prompts: {error}") from error
+
+
+def _conditions(
+    args: argparse.Namespace, spec: ConditionSpec, prompts: PromptSet | None, checkpoint: dict[str, Any]
+) -> tuple[Conditions | None, str]:
+    """What to generate for the pipeline (``None``: every class) and a description of it.
+
+    A text model's prompts are ``--prompts``, else its spec's defaults, else the ``validation_prompts``
+    the ``--ckpt`` module was trained with.
+    """
+    if spec.kind == "class":
+        if prompts is not None:
+            raise SystemExit(
+                f"error: --prompts {args.prompts!r} is given, but {_source(args)} is class-conditioned "
+                f"({spec.num_classes} classes); drop --prompts: every class is evaluated."
+            )
+        return None, f"{spec.num_classes} classes"
+    trained = (checkpoint.get("hyper_parameters") or {}).get("validation_prompts") or ()
+    chosen = prompts.prompts if prompts is not None else spec.default_prompts or tuple(trained)
+    if not chosen:
+        raise SystemExit(
+            f"error: {_source(args)} is a text-to-image model and names no default prompts; give --prompts FILE "
+            f"({PROMPTS_FORMAT})."
+        )
+    return spec.resolve(prompts=chosen, owner="--prompts"), f"{len(chosen)} prompts"
 
 
 def main(argv: Sequence[str] | None = None) -> EvaluationResult:
+    """Run ``evaluate`` with the command-line arguments ``argv``; the result (files written, logged).
+
+    Raises:
+        SystemExit: With one ``error: ...`` line for a mistake in the arguments or the files they name.
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
+    prompts = _read_prompts(args)
+    if args.reference is not None and not Path(args.reference).is_dir():
+        raise SystemExit(
+            f"error: --reference {args.reference!r} is not a folder; expected a folder of images or a captions "
+            "folder (metadata.jsonl with file_name and text)."
+        )
     try:
         config = EvaluationConfig(
             n_samples=args.n_samples,
@@ -169,6 +259,10 @@ def main(argv: Sequence[str] | None = None) -> EvaluationResult:
             allow_random_lpips=args.allow_random_lpips,
             clip_model=args.clip_model,
             clip_prompt=args.clip_prompt,
+            prompts=list(prompts.prompts) if prompts is not None and not args.real else None,
+            prompt_classes=dict(prompts.classes) if prompts is not None else None,
+            reference=args.reference,
+            reference_size=args.reference_size,
             reference_split=args.reference_split,
             cache_dir=args.cache_dir,
             threshold=args.threshold,
@@ -184,16 +278,36 @@ def main(argv: Sequence[str] | None = None) -> EvaluationResult:
     step = args.step or 0
     info: dict[str, Any] = {"source": args.ckpt or args.pipeline or f"real:{args.real}"}
     if args.real:
-        images, labels = _real_images(datamodule, args.real, args.n_samples, args.seed)
-        result = evaluator.score(images, labels, getattr(datamodule, "class_names", None))
+        images, shown = _real_images(datamodule, args.real, args.n_samples, args.seed)
+        try:
+            result = evaluator.score(images, shown, getattr(datamodule, "class_names", None))
+        except ValueError as error:  # e.g. a caption naming no digit for the judge
+            raise SystemExit(f"error: --real {args.real!r}: {error}") from error
     else:
         device = resolve_device(args.device)
         pipeline, defaults = load_pipeline(args)
         pipeline.to(device)
-        if args.ckpt and args.step is None:
-            step = int(torch.load(args.ckpt, map_location="cpu", weights_only=False).get("global_step", 0))
+        checkpoint: dict[str, Any] = {}
+        if args.ckpt:
+            from diffusion_lightning.modules.loading import read_checkpoint
+
+            checkpoint = read_checkpoint(args.ckpt)
+            step = int(checkpoint.get("global_step", 0)) if args.step is None else step
+        spec = defaults.get("condition_spec") or condition_spec(pipeline)
+        asked, what = _conditions(args, spec, prompts, checkpoint)
+        try:
+            conditions = evaluator.conditions(pipeline, asked)  # checks the prompts against the judge before sampling
+        except ValueError as error:
+            raise SystemExit(f"error: {error}") from error
         info.update(weights=args.weights if args.ckpt else None, device=str(device))
-        result = evaluator.evaluate(pipeline, defaults["steps"], defaults["guidance_scale"])
+        logging.getLogger(__name__).info("Generating %d samples over %s.", len(conditions), what)
+        result = evaluator.evaluate(
+            pipeline,
+            defaults["steps"],
+            defaults["guidance_scale"],
+            conditions=conditions,
+            image_size=defaults.get("image_size") if spec.kind == "prompt" else None,
+        )
     result.write(out, **info, step=step)
     loggers = make_loggers(args.logger, out)
     result.log(loggers, step=step)
@@ -205,9 +319,10 @@ def main(argv: Sequence[str] | None = None) -> EvaluationResult:
 
 def _print_summary(result: EvaluationResult, out: Path) -> None:
     values = result.metrics()
-    shown = ("accuracy", "weakest_class_accuracy", "is_digit/scores/avg", "realism/scores/avg", "precision", "recall")
-    shown += ("fid", "kid", "inception_score", "lpips_diversity", "clip_score", "seconds_per_image")
+    shown = ["accuracy", "weakest_class_accuracy", "weakest_prompt_accuracy", "is_digit/scores/avg"]
+    shown += ["realism/scores/avg", "precision", "recall", "fid", "kid", "inception_score", "lpips_diversity"]
+    shown += ["clip_score", "seconds_per_image"]
     for name in shown:
         if name in values:
             print(f"{name:<26} {values[name]:.4f}")
-    print(f"wrote {out / 'metrics.json'}, {out / 'per_class.csv'}, {out / 'worst.png'}")
+    print(f"wrote {out / 'metrics.json'}, {out / (result.table_name + '.csv')}, {out / 'worst.png'}")

@@ -6,8 +6,8 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from diffusion_lightning.modules.loading import WEIGHTS, load_module
 from diffusion_lightning.schedulers import SCHEDULERS
-from diffusion_lightning.utils.checkpoint import load_module
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -26,7 +26,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="the pipeline's sampling scheduler (default: the model's sampler)",
     )
     parser.add_argument(
-        "--weights", choices=("ema", "raw"), default="ema",
+        "--weights", choices=WEIGHTS, default="ema",
         help="the EMA weights when the run had them (default) or the raw trained ones",
     )  # fmt: skip
     parser.add_argument(
@@ -37,8 +37,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> Path:
+    """Entry point of ``diffusion-lightning export``; the pipeline folder written."""
     args = build_parser().parse_args(argv)
-    module = load_module(args.ckpt, weights=args.weights)
+    try:
+        module = load_module(args.ckpt, weights=args.weights)
+    except (ValueError, FileNotFoundError) as error:
+        raise SystemExit(f"error: {error}") from error
     if args.merge_lora:
         if getattr(module, "training_mode", None) != "lora":
             raise SystemExit(f"error: --merge-lora applies to LoRA runs; {args.ckpt} was not trained with LoRA.")

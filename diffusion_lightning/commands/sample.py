@@ -15,12 +15,8 @@ from typing import Any
 
 import torch
 
-from diffusion_lightning.commands.common import (
-    add_sampling_arguments,
-    add_source_arguments,
-    is_text_pipeline,
-    load_pipeline,
-)
+from diffusion_lightning.commands.common import add_sampling_arguments, add_source_arguments, load_pipeline
+from diffusion_lightning.modules.loading import is_text_pipeline
 from diffusion_lightning.schedulers import scheduler_name
 from diffusion_lightning.utils.device import resolve_device
 from diffusion_lightning.utils.images import label_grid, make_grid, save_images, to_pil

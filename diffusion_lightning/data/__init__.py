@@ -1,6 +1,7 @@
 """LightningDataModules, one per dataset."""
 
 from diffusion_lightning.data.base import (
+    DiffusionDataModule,
     EpochSeededSampler,
     LabelledImageDataModule,
     LabelledImages,
@@ -13,6 +14,7 @@ from diffusion_lightning.data.mnist import MNISTDataModule
 __all__ = [
     "CIFAR10DataModule",
     "CaptionCollate",
+    "DiffusionDataModule",
     "ImageCaptionDataModule",
     "ImageCaptions",
     "EpochSeededSampler",

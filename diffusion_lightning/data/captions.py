@@ -1,41 +1,40 @@
 """Image-caption pairs for text-to-image fine-tuning: captioned MNIST digits or a folder of images.
 
 Batches are dicts: ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``, ``captions`` (``list[str]``), ``keys``
-(``list[str]``, a stable id per sample) and, with a tokenizer, ``input_ids`` ``(B, L)``.
+(``list[str]``, a stable id per sample) and, with a tokenizer, ``input_ids`` ``(B, L)``. Predict
+batches are ``{"prompts": list[str], "index": LongTensor}``.
 """
 
 from __future__ import annotations
 
-import json
-import os
+import dataclasses
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple
 
 import torch
-from lightning.pytorch import LightningDataModule
 from lightning.pytorch.utilities import rank_zero_warn
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 from typing_extensions import override
 
-from diffusion_lightning.data.base import (
-    EpochSeededSampler,
-    LabelledImageDataModule,
-    _check_fraction,
-    apply_resume,
-    data_parallel_shard,
-    stratified_split,
+from diffusion_lightning.data.base import DiffusionDataModule, EpochSeededSampler, _check_at_least_one
+from diffusion_lightning.data.caption_sources import (
+    DIGIT_NAMES,
+    embedded_digits,
+    first_few,
+    read_caption_folder,
+    read_prompts,
 )
-from diffusion_lightning.data.mnist import _embedded_digits
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.utils.seeding import mix_seed
 
+__all__ = ["DIGIT_NAMES", "SOURCES", "CaptionCollate", "ImageCaptionDataModule", "ImageCaptions"]
+
 SOURCES: tuple[str, ...] = ("embedded", "folder")
-DIGIT_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 #: What PIL raises on a file that is not an image, is truncated or is corrupt.
 _BAD_IMAGE_ERRORS = (OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 
@@ -88,6 +87,24 @@ class ImageCaptions(Dataset):
             sample["input_ids"] = self.input_ids[index]
         return sample
 
+    def without_unreadable(self) -> tuple[ImageCaptions, list[str]]:
+        """This set without the image files that cannot be read (each is read once), and their keys."""
+        if self.paths is None:
+            return self, []
+        good, bad = [], []
+        for index in range(len(self)):
+            try:
+                self._read(index)
+                good.append(index)
+            except _BAD_IMAGE_ERRORS:
+                bad.append(self.keys[index])
+        if not bad:
+            return self, []
+        pick = {name: [getattr(self, name)[i] for i in good] for name in ("captions", "keys", "paths")}
+        if self.input_ids is not None:
+            pick["input_ids"] = self.input_ids[good]
+        return dataclasses.replace(self, **pick), bad
+
     def _read(self, index: int) -> torch.Tensor:
         if self.images is not None:
             image = self.images[index]
@@ -129,15 +146,18 @@ class CaptionCollate:
         good = [s for s in samples if not isinstance(s, _Bad)]
         skipped = [s.key for s in samples if isinstance(s, _Bad)]
         if not good:
-            last, n = samples[-1], len(self.dataset)
-            for offset in range(1, n + 1):
-                sample = self.dataset[(last.index + offset) % n, last.epoch]
+            last, n, tried = samples[-1], len(self.dataset), {s.index for s in samples}
+            for index in ((last.index + offset) % n for offset in range(1, n)):
+                if index in tried:  # already in this batch
+                    continue
+                sample = self.dataset[index, last.epoch]
                 if not isinstance(sample, _Bad):
                     good = [sample]
                     break
                 skipped.append(sample.key)
             else:
-                raise RuntimeError(f"none of the {n} images of the dataset could be read, e.g. {skipped[:5]}.")
+                keys = list(dict.fromkeys(skipped))
+                raise RuntimeError(f"none of the {n} images of the dataset could be read, e.g. {keys[:5]}.")
         batch = {
             "images": torch.stack([s["images"] for s in good]),
             "captions": [s["captions"] for s in good],
@@ -165,71 +185,7 @@ class _EpochTaggedSampler(EpochSeededSampler):
         return ((index, epoch) for index in super().__iter__())
 
 
-def _read_pairs(file: Path, column: str) -> list[tuple[Path, str]]:
-    """``(image path, caption)`` pairs of a ``metadata.jsonl`` or a ``captions.json`` (images in ``images/``)."""
-    jsonl, text = file.suffix == ".jsonl", file.read_text(encoding="utf-8")
-    chunks = [(f"line {n}", line) for n, line in enumerate(text.splitlines(), 1) if line.strip()] if jsonl else []
-    entries = []
-    for where, chunk in chunks if jsonl else [("file", text)]:
-        try:
-            entries.append((where, json.loads(chunk)))
-        except json.JSONDecodeError as err:
-            raise ValueError(f"{str(file)!r}, {where}: not valid JSON ({err}).") from err
-    if not jsonl:
-        data = entries[0][1]
-        if isinstance(data, dict):
-            data = [{"file_name": name, column: caption} for name, caption in data.items()]
-        if not isinstance(data, list):
-            raise ValueError(f"{str(file)!r} must hold a {{file_name: caption}} object or a list of objects.")
-        entries = [(f"entry {n}", entry) for n, entry in enumerate(data, 1)]
-    columns, folder = ((column,), file.parent) if jsonl else ((column, "text", "caption"), file.parent / "images")
-    names = "'file_name'" if jsonl else "'file_name' (or 'image')"
-    pairs = []
-    for where, entry in entries:
-        fields = entry if isinstance(entry, dict) else {}
-        name = fields.get("file_name", fields.get("image"))
-        caption = next((fields[c] for c in columns if c in fields), None)
-        if not isinstance(name, str) or not isinstance(caption, str):
-            raise ValueError(
-                f"{str(file)!r}, {where}: expected an object with {names} and a caption string in "
-                f"{' or '.join(map(repr, columns))} (caption_column={column!r}); got {entry!r:.200}."
-            )
-        pairs.append((folder / name, caption))
-    return pairs
-
-
-def _check_records(file: Path, records: list[tuple[Path, str]]) -> None:
-    if not records:
-        raise ValueError(f"caption file {str(file)!r} holds no image-caption pairs.")
-    missing = [os.path.relpath(path, file.parent) for path, _ in records if not path.is_file()]
-    if missing:
-        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
-        raise FileNotFoundError(f"{len(missing)} image(s) listed in {str(file)!r} do not exist: {missing[:5]}{more}.")
-
-
-def _find_layout(root: Path) -> tuple[Path, Path | None]:
-    """The train caption file of a ``folder`` root and its validation one (``None`` when absent)."""
-    candidates = (
-        (root / "train" / "metadata.jsonl", root / "validation" / "metadata.jsonl"),
-        (root / "metadata.jsonl", None),
-        (root / "train" / "captions.json", root / "validation" / "captions.json"),
-    )
-    for train, val in candidates:
-        if train.is_file():
-            return train, val if val is not None and val.is_file() else None
-    raise FileNotFoundError(
-        f"root={str(root)!r} holds no known layout: looked for {[str(t.relative_to(root)) for t, _ in candidates]} "
-        "(an imagefolder metadata.jsonl with 'file_name' and a caption column, or train/images/ with "
-        "train/captions.json)."
-    )
-
-
-def _seeded_split(n: int, first: int, seed: int) -> tuple[list[int], list[int]]:
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
-    return sorted(order[:first]), sorted(order[first:])
-
-
-class ImageCaptionDataModule(LightningDataModule):
+class ImageCaptionDataModule(DiffusionDataModule):
     """Image-caption pairs for text-to-image fine-tuning.
 
     Sources:
@@ -241,8 +197,17 @@ class ImageCaptionDataModule(LightningDataModule):
       (``{file_name: caption}`` or a list of objects), ``validation/`` likewise. Without a validation
       folder, ``val_fraction`` of train is held out (seeded). Keys are paths relative to ``root``.
 
-    Unreadable images are skipped (``skip_bad_images``): dropped from their batch and reported once
-    per epoch (at the start of the next epoch and at teardown) with their count and up to 5 keys.
+    Unreadable images are skipped (``skip_bad_images``): dropped from their training batch and
+    reported once per epoch (at the start of the next epoch and at teardown) with their count and up
+    to 5 keys. The validation images are read once when the validation loader is made, and the
+    unreadable ones leave the validation set with a warning (validation is skipped when none is
+    left). Images a caption file lists that do not exist are left out at setup, with a warning.
+
+    ``predict_dataloader`` serves ``{"prompts": list[str], "index": LongTensor}`` batches of
+    ``eval_batch_size``: every prompt ``predict_samples_per_prompt`` times in a row, ``index`` the
+    position in that whole list (to derive a seed per image). The prompts are ``predict_prompts``,
+    or those of ``predict_prompts_file``, or else the distinct captions of the validation split in
+    first-seen order, at most 8.
 
     Args:
         source: ``embedded`` or ``folder``.
@@ -255,14 +220,19 @@ class ImageCaptionDataModule(LightningDataModule):
         tokenizer: Folder or hub id of a ``CLIPTokenizer``; batches then carry ``input_ids``.
         tokenizer_subfolder: Subfolder of ``tokenizer`` (``tokenizer`` in a Stable Diffusion repo).
         max_samples: Use at most this many samples of the training source (seeded; before the split).
-        skip_bad_images: Skip unreadable or truncated images; ``False`` raises on the first one.
+        skip_bad_images: Skip unreadable, truncated or missing images; ``False`` raises on the first one.
         batch_size: Training batch size.
-        eval_batch_size: Validation batch size (default: ``batch_size``).
+        eval_batch_size: Validation and predict batch size (default: ``batch_size``).
         val_fraction: Fraction held out for validation when there is no validation folder.
         seed: Seed of the splits, the shuffling and the random crops and flips.
         num_workers: DataLoader worker processes (0 loads in the training process).
         pin_memory: Pin batches in page-locked memory.
         drop_last: Drop the last incomplete training batch.
+        predict_prompts: Prompts served by ``predict_dataloader`` (neither this nor ``predict_prompts_file``:
+            the distinct captions of the validation split, at most 8).
+        predict_prompts_file: Text file of the prompts served by ``predict_dataloader``, one a line;
+            blank lines and lines starting with ``#`` are left out. Not with ``predict_prompts``.
+        predict_samples_per_prompt: Times each prompt is served by ``predict_dataloader``.
     """
 
     in_channels: int = 3
@@ -290,82 +260,41 @@ class ImageCaptionDataModule(LightningDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = True,
+        predict_prompts: list[str] | None = None,
+        predict_prompts_file: str | None = None,
+        predict_samples_per_prompt: int = 1,
     ) -> None:
-        super().__init__()
         check_choice("source", source, SOURCES)
         if source == "folder" and not root:
             raise ValueError(f"root={root!r}: source='folder' needs the folder of the images and captions.")
-        positive = dict(resolution=resolution, batch_size=batch_size, eval_batch_size=eval_batch_size)
-        for field, value in {**positive, "max_samples": max_samples}.items():
-            if value is not None and value < 1:
-                raise ValueError(f"{field}={value!r} must be >= 1.")
-        if num_workers < 0:
-            raise ValueError(f"num_workers={num_workers!r} must be >= 0.")
-        _check_fraction("val_fraction", val_fraction)
+        _check_at_least_one(resolution=resolution, max_samples=max_samples)
+        super().__init__(batch_size, eval_batch_size, val_fraction, seed, num_workers, pin_memory, drop_last)
         try:
             caption_template.format(name="seven", digit=7)
         except (KeyError, IndexError, ValueError) as err:
             raise ValueError(
                 f"caption_template={caption_template!r} is not valid: only {{name}} and {{digit}} are accepted."
             ) from err
+        if predict_prompts is not None and predict_prompts_file is not None:
+            raise ValueError(
+                f"predict_prompts={predict_prompts!r:.80} and predict_prompts_file={predict_prompts_file!r} are both "
+                "set; give the prompts in one of them."
+            )
+        if predict_prompts is not None and not (predict_prompts and all(isinstance(p, str) for p in predict_prompts)):
+            raise ValueError(f"predict_prompts={predict_prompts!r:.80} must be a non-empty list of strings.")
+        _check_at_least_one(predict_samples_per_prompt=predict_samples_per_prompt)
         self.source, self.root, self.resolution = source, root, resolution
         self.image_size = resolution
         self.center_crop, self.random_flip = center_crop, random_flip
         self.caption_column, self.caption_template = caption_column, caption_template
         self.tokenizer, self.tokenizer_subfolder = tokenizer, tokenizer_subfolder
         self.max_samples, self.skip_bad_images = max_samples, skip_bad_images
-        self.batch_size, self.eval_batch_size = batch_size, eval_batch_size or batch_size
-        self.val_fraction, self.seed = val_fraction, seed
-        self.num_workers, self.pin_memory, self.drop_last = num_workers, pin_memory, drop_last
+        self.predict_prompts = None if predict_prompts is None else list(predict_prompts)
+        self.predict_prompts_file = predict_prompts_file
+        self.predict_samples_per_prompt = predict_samples_per_prompt
         self.datasets: dict[str, ImageCaptions] = {}
-        self._sampler: _EpochTaggedSampler | None = None
-        self._resume: dict[str, int] | None = None
-        self._resumed_from: dict[str, int] | None = None
+        self._readable: dict[str, ImageCaptions] = {}  # evaluation splits without their unreadable images
         self._skipped: dict[str, None] = {}
-
-    def _n_val(self, n: int) -> int:
-        return 0 if self.val_fraction == 0 else min(n - 1, max(1, round(self.val_fraction * n)))
-
-    def _load_embedded(self) -> dict[str, dict[str, Any]]:
-        images, labels = _embedded_digits()
-        chosen = torch.arange(labels.shape[0])
-        if self.max_samples is not None and self.max_samples < labels.shape[0]:
-            chosen = stratified_split(labels, (self.max_samples,), self.seed)[0].sort().values
-        val, train = stratified_split(labels[chosen], (self._n_val(chosen.numel()),), self.seed)
-
-        def part(where: torch.Tensor) -> dict[str, Any]:
-            index = chosen[where.sort().values]
-            digits = labels[index].tolist()
-            captions = [self.caption_template.format(name=DIGIT_NAMES[d], digit=d) for d in digits]
-            return {"images": images[index], "captions": captions, "keys": [f"embedded/{i}" for i in index.tolist()]}
-
-        return {"train": part(train), "val": part(val)}
-
-    def _load_folder(self) -> dict[str, dict[str, Any]]:
-        root = Path(self.root)
-        if not root.is_dir():
-            raise FileNotFoundError(f"root={self.root!r} is not an existing folder (source='folder' reads it).")
-        train_file, val_file = _find_layout(root)
-        records = {}
-        for split, file in (("train", train_file), ("val", val_file)):
-            if file is not None:
-                records[split] = _read_pairs(file, self.caption_column)
-                _check_records(file, records[split])
-        train = records["train"]
-        if self.max_samples is not None and self.max_samples < len(train):
-            train = [train[i] for i in _seeded_split(len(train), self.max_samples, mix_seed(self.seed, 1))[0]]
-        if val_file is None:
-            val, rest = _seeded_split(len(train), self._n_val(len(train)), self.seed)
-            records["val"], train = [train[i] for i in val], [train[i] for i in rest]
-        records["train"] = train
-        return {
-            split: {
-                "paths": [path for path, _ in pairs],
-                "captions": [caption for _, caption in pairs],
-                "keys": [Path(os.path.relpath(path, root)).as_posix() for path, _ in pairs],
-            }
-            for split, pairs in records.items()
-        }
 
     def _tokenize(self, parts: dict[str, dict[str, Any]]) -> None:
         """Add ``input_ids`` to the parts; warn once with the number of captions truncated."""
@@ -395,13 +324,16 @@ class ImageCaptionDataModule(LightningDataModule):
             )
 
     @override
-    def setup(self, stage: str | None = None) -> None:
-        if self.datasets:
-            return
-        parts = self._load_embedded() if self.source == "embedded" else self._load_folder()
+    def build_datasets(self) -> dict[str, ImageCaptions]:
+        if self.source == "embedded":
+            parts = embedded_digits(self.caption_template, self.max_samples, self.val_fraction, self.seed)
+        else:
+            parts = read_caption_folder(
+                self.root, self.caption_column, self.skip_bad_images, self.max_samples, self.val_fraction, self.seed
+            )
         if self.tokenizer is not None:
             self._tokenize(parts)
-        self.datasets = {
+        return {
             split: ImageCaptions(
                 resolution=self.resolution,
                 random_crop=split == "train" and not self.center_crop,
@@ -413,31 +345,47 @@ class ImageCaptionDataModule(LightningDataModule):
             for split, part in parts.items()
         }
 
-    def _loader(self, dataset: ImageCaptions, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
-            dataset,
-            batch_size=batch_size,
-            collate_fn=CaptionCollate(dataset),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.num_workers > 0,
-            **kwargs,
-        )
+    @override
+    def collate(self, dataset: ImageCaptions) -> CaptionCollate:
+        return CaptionCollate(dataset)
 
     @override
-    def train_dataloader(self) -> DataLoader:
-        self.setup("fit")
-        num_replicas, rank = data_parallel_shard(self.trainer)
-        self._sampler = _EpochTaggedSampler(
-            len(self.datasets["train"]), self.seed, self.report_skipped, num_replicas=num_replicas, rank=rank
-        )
-        apply_resume(self, self._sampler)
-        return self._loader(self.datasets["train"], self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
+    def train_sampler(self, num_samples: int, num_replicas: int, rank: int) -> EpochSeededSampler:
+        return _EpochTaggedSampler(num_samples, self.seed, self.report_skipped, num_replicas=num_replicas, rank=rank)
 
     @override
-    def val_dataloader(self) -> DataLoader:
-        self.setup("validate")
-        return self._loader(self.datasets["val"], self.eval_batch_size)
+    def eval_dataset(self, split: str) -> ImageCaptions:
+        """The ``split`` set without its unreadable images (read once, with ``skip_bad_images``)."""
+        dataset = super().eval_dataset(split)
+        if not self.skip_bad_images:
+            return dataset
+        if split not in self._readable:
+            self._readable[split], bad = dataset.without_unreadable()
+            if bad:
+                left = len(self._readable[split])
+                rank_zero_warn(
+                    f"left {len(bad)} unreadable image(s) out of the {split!r} split "
+                    f"({f'{left} left' if left else 'none left: it serves no batch'}): {first_few(bad)}. "
+                    "Fix or remove them, or set skip_bad_images=false to stop at the first one."
+                )
+        return self._readable[split]
+
+    @override
+    def predict_columns(self) -> dict[str, list[str]]:
+        """Every predict prompt ``predict_samples_per_prompt`` times in a row."""
+        if self.predict_prompts is not None:
+            prompts = self.predict_prompts
+        elif self.predict_prompts_file is not None:
+            prompts = read_prompts(self.predict_prompts_file)
+        else:
+            self.setup("predict")
+            prompts = list(dict.fromkeys(self.datasets["val"].captions))[:8]
+            if not prompts:
+                raise ValueError(
+                    "predict_prompts and predict_prompts_file are unset and the validation split holds no caption "
+                    f"(val_fraction={self.val_fraction!r}); set predict_prompts or predict_prompts_file."
+                )
+        return {"prompts": [prompt for prompt in prompts for _ in range(self.predict_samples_per_prompt)]}
 
     @override
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -450,10 +398,10 @@ class ImageCaptionDataModule(LightningDataModule):
         """Warn once about the unreadable images skipped since the last report; return their number."""
         if not self._skipped:
             return 0
-        keys, more = list(self._skipped), f" and {len(self._skipped) - 5} more" if len(self._skipped) > 5 else ""
+        keys = list(self._skipped)
         self._skipped.clear()
         rank_zero_warn(
-            f"skipped {len(keys)} unreadable image(s) (corrupt, truncated or not an image): {keys[:5]}{more}. "
+            f"skipped {len(keys)} unreadable image(s) (corrupt, truncated or not an image): {first_few(keys)}. "
             "Fix or remove them, or set skip_bad_images=false to stop at the first one."
         )
         return len(keys)
@@ -461,9 +409,3 @@ class ImageCaptionDataModule(LightningDataModule):
     @override
     def teardown(self, stage: str) -> None:
         self.report_skipped()
-
-    # The resume state of the labelled-image modules: the epoch and the samples all processes consumed in it
-    # (``batch_size`` per batch and process, skipped images included), which ``train_dataloader`` hands to
-    # ``EpochSeededSampler.skip_in_epoch``.
-    state_dict = LabelledImageDataModule.state_dict
-    load_state_dict = LabelledImageDataModule.load_state_dict

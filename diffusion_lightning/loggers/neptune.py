@@ -39,13 +39,13 @@ from typing import Any, Literal, cast, get_args
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.logger import _add_prefix, _convert_params, _flatten_dict, _sanitize_callable_params
 from lightning.pytorch.loggers.logger import Logger, rank_zero_experiment
 from lightning.pytorch.utilities import rank_zero_only
 from lightning_utilities.core.imports import RequirementCache
 from typing_extensions import override
 
 from diffusion_lightning.loggers.media import to_pil
+from diffusion_lightning.utils.compat import add_prefix, convert_params, flatten_dict, sanitize_callable_params
 
 __all__ = ["NeptuneLogger"]
 
@@ -221,15 +221,15 @@ class NeptuneLogger(Logger):
         """Store ``params`` under ``config/``, nested dicts and namespaces as nested namespaces."""
         from neptune.utils import stringify_unsupported
 
-        params = _sanitize_callable_params(_convert_params(params))
-        for key, value in _flatten_dict(params).items():
+        params = sanitize_callable_params(convert_params(params))
+        for key, value in flatten_dict(params).items():
             self.experiment[f"{HPARAMS_NAMESPACE}/{key}"] = stringify_unsupported(_scalar(value))
 
     @override
     @rank_zero_only
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
         """Append each metric to the float series of its name (``train/loss`` -> ``run["train/loss"]``)."""
-        for key, value in _add_prefix(metrics, self._prefix, "/").items():
+        for key, value in add_prefix(metrics, self._prefix, "/").items():
             self.experiment[key].append(float(_scalar(value)), step=step)
 
     @override

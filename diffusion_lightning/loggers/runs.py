@@ -43,7 +43,6 @@ logs and writes checkpoints, and ``ModelCheckpoint`` broadcasts its folder.
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import os
 import time
@@ -60,7 +59,17 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from torch.optim.lr_scheduler import ReduceLROnPlateau
 from typing_extensions import override
 
-__all__ = ["RunLineage", "RunPlan", "find_last_checkpoint", "plan_run", "read_lineage"]
+from diffusion_lightning.utils.config import resolve_class
+
+__all__ = [
+    "RunLineage",
+    "RunPlan",
+    "find_last_checkpoint",
+    "logger_class",
+    "logger_entries",
+    "plan_run",
+    "read_lineage",
+]
 
 #: Where :class:`RunLineage` keeps its state in ``checkpoint["callbacks"]``.
 LINEAGE_KEY = "RunLineage"
@@ -75,9 +84,9 @@ def _class_path(obj: Any) -> str:
     return f"{cls.__module__}.{cls.__qualname__}"
 
 
-def _import(path: str) -> Any:
-    module_name, _, name = path.rpartition(".")
-    return getattr(importlib.import_module(module_name), name)
+def logger_class(class_path: str) -> type[Logger]:
+    """The logger class a ``trainer.logger`` entry or a checkpoint record names (jsonargparse resolves it)."""
+    return resolve_class(class_path, Logger, field="trainer.logger class_path")
 
 
 def find_last_checkpoint(dirpath: str | os.PathLike[str]) -> Path | None:
@@ -256,7 +265,7 @@ class RunPlan:
     """Configuration values to set: ``{"trainer": {"logger": ...}, "checkpoint": {"dirpath": ...}}``."""
 
 
-def _logger_entries(value: Any, root: str) -> list[dict[str, Any]] | None:
+def logger_entries(value: Any, root: str) -> list[dict[str, Any]] | None:
     """The configured loggers as ``class_path``/``init_args`` dicts; ``None`` when they cannot be edited."""
     if value is False:
         return []
@@ -279,8 +288,8 @@ def _accepts_version(cls: type) -> bool:
 def _resume_versions(entries: list[dict[str, Any]], recorded: list[dict[str, Any]]) -> bool:
     changed = False
     for entry, record in zip(entries, recorded):
-        cls = _import(entry["class_path"])
-        if cls is not _import(record["class_path"]) or not _accepts_version(cls):
+        cls = logger_class(entry["class_path"])
+        if cls is not logger_class(record["class_path"]) or not _accepts_version(cls):
             rank_zero_info(f"Resuming: {entry['class_path']} starts a new version (the checkpoint's logger differs).")
             continue
         if entry["init_args"].get("version") is None and record.get("version") is not None:
@@ -293,10 +302,10 @@ def _fork_versions(entries: list[dict[str, Any]], recorded: list[dict[str, Any]]
     """Pin the next free version of folder loggers; the folder name of the first one."""
     name = None
     for index, entry in enumerate(entries):
-        cls = _import(entry["class_path"])
+        cls = logger_class(entry["class_path"])
         version = entry["init_args"].get("version")
         parent = recorded[index] if index < len(recorded) else {}
-        if version is not None and parent.get("version") == version and _import(parent["class_path"]) is cls:
+        if version is not None and parent.get("version") == version and logger_class(parent["class_path"]) is cls:
             raise ValueError(
                 f"trainer.logger version={version!r} is the parent's; a fork logs to a new version "
                 "(leave version unset, or resume with --ckpt_path instead)."
@@ -337,7 +346,7 @@ def plan_run(config: Any, root: str) -> RunPlan:
             return plan  # "last" before any checkpoint exists, or "best"/"hpc"/...: Lightning decides
         lineage = read_lineage(path)
         plan.checkpoint, plan.lineage = path, lineage
-        entries = _logger_entries(logger_value, root)
+        entries = logger_entries(logger_value, root)
         if not lineage["loggers"]:
             rank_zero_warn(f"{str(path)!r} does not record its logger version; the logger starts a new version.")
         elif entries and _resume_versions(entries, lineage["loggers"]):
@@ -352,7 +361,7 @@ def plan_run(config: Any, root: str) -> RunPlan:
         raise FileNotFoundError(f"fork_from={fork_from!r} does not exist.")
     lineage = read_lineage(path)
     plan = RunPlan("fork", checkpoint=path, lineage=lineage)
-    entries = _logger_entries(logger_value, root)
+    entries = logger_entries(logger_value, root)
     if entries == [] and dirpath is None:
         raise ValueError(
             "fork_from needs a logger to name the new version (trainer.logger=False); "

@@ -14,10 +14,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from torchmetrics.functional.multimodal.clip_score import _clip_score_update
 from torchmetrics.multimodal.clip_score import CLIPScore
 
 from diffusion_lightning.metrics.features import check_image_range
+from diffusion_lightning.utils.compat import clip_score_update
 
 __all__ = ["CLIPScorer", "clip_score"]
 
@@ -121,7 +121,7 @@ class CLIPScorer:
         pixels = (images.float() * 255).round().clamp(0, 255).to(torch.uint8)  # the processor rescales by 1/255
         scores = []
         for start in range(0, len(prompts), batch_size):
-            score, _ = _clip_score_update(
+            score, _ = clip_score_update(
                 pixels[start : start + batch_size],
                 prompts[start : start + batch_size],
                 self.metric.model,

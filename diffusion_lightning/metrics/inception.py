@@ -17,6 +17,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import URL_INCEPTION_V3
 from torchmetrics.image.fid import NoTrainInceptionV3
 
 from diffusion_lightning.metrics.features import FeatureExtractor, check_image_range
+from diffusion_lightning.utils.compat import inception_features_and_logits
 
 __all__ = [
     "INCEPTION_WEIGHTS_FILE",
@@ -144,5 +145,5 @@ class InceptionFeatures(FeatureExtractor):
     def extract(self, images: torch.Tensor) -> dict[str, torch.Tensor]:
         """Pool features and unbiased logits of prepared images in ``[0, 1]``."""
         pixels = (images * 255).round().to(torch.uint8)
-        features, logits = self.network._torch_fidelity_forward(pixels)
+        features, logits = inception_features_and_logits(self.network, pixels)
         return {"features": features.float(), "logits": logits.float()}

@@ -10,6 +10,9 @@ offline and deterministically by :class:`~diffusion_lightning.DigitClassifier`:
   ``correct_digit``, and the ranking of the worst samples);
 - ``realism`` (from :mod:`~diffusion_lightning.metrics.manifold`): how typical of real digits the
   sample is in the judge's feature space, in place of a 1-5 "written by a human?" score.
+
+The requested class is the class of a class-conditioned sample, or the digit a text-to-image
+sample's prompt names (see :mod:`~diffusion_lightning.metrics.prompts`).
 """
 
 from __future__ import annotations

@@ -1,4 +1,7 @@
-"""Within-class diversity: the mean LPIPS distance between pairs of samples of the same class.
+"""Within-group diversity: the mean LPIPS distance between pairs of samples of the same class (or prompt).
+
+The groups are integer labels: classes of a class-conditioned model, or the index of each sample's
+prompt for a text-to-image model.
 
 LPIPS (Zhang et al., 2018) compares deep features of an ImageNet backbone (AlexNet, VGG16 or
 SqueezeNet) weighted by linear layers fitted to human judgements. The linear layers ship inside

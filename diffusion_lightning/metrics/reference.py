@@ -6,6 +6,10 @@ space; the real side never changes between evaluations, so its features are writ
 dataset (its class and every option that changes which images it serves), the split, the
 extractor (whose name carries a fingerprint of its weights) and the image size, so a change to
 any of them computes a new entry instead of reusing a stale one.
+
+Batches may carry class ``labels`` (labelled image sets) or not (image-caption sets, whose
+``captions`` the reference ignores); samples a data set could not read (anything but a dict) are
+left out.
 """
 
 from __future__ import annotations
@@ -20,7 +24,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load, save
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, default_collate
 from tqdm.auto import tqdm
 
 from diffusion_lightning.metrics.features import FeatureExtractor
@@ -39,6 +43,8 @@ _LOADER_OPTIONS = {
     "pin_memory",
     "drop_last",
     "predict_samples_per_class",
+    "predict_samples_per_prompt",
+    "predict_prompts_file",
 }
 
 
@@ -52,7 +58,7 @@ def default_cache_dir() -> Path:
 
 def dataset_key(datamodule: Any) -> str:
     """``<class>[-<source>]-<hash of the options that select images>``, e.g. ``mnistdatamodule-embedded-1a2b3c4d``."""
-    options = {
+    options: dict[str, Any] = {
         name: value
         for name, value in sorted(vars(datamodule).items())
         if not name.startswith("_") and name not in _LOADER_OPTIONS and isinstance(value, (str, int, float, bool))
@@ -92,14 +98,29 @@ def _images(datamodule: Any, split: str) -> Any:
 def compute_features(
     extractor: FeatureExtractor, loader: Any, description: str = "features", progress: bool = True
 ) -> dict[str, torch.Tensor]:
-    """Run ``extractor`` over batches of ``{"images" in [-1, 1], "labels"}``; concatenated outputs."""
+    """Run ``extractor`` over batches of ``{"images" in [-1, 1][, "labels"]}``; concatenated outputs.
+
+    ``labels`` are the batches' class labels, ``-1`` for batches without (image-caption sets).
+    """
     parts: dict[str, list[torch.Tensor]] = {}
     for batch in tqdm(loader, desc=description, disable=not progress, leave=False):
-        out = extractor.encode((batch["images"] / 2 + 0.5).clamp(0, 1))
-        out["labels"] = batch["labels"].long()
+        if batch is None:
+            continue
+        images = batch["images"]
+        out = extractor.encode((images / 2 + 0.5).clamp(0, 1))
+        labels = batch.get("labels")
+        out["labels"] = labels.long() if labels is not None else torch.full((images.shape[0],), -1, dtype=torch.long)
         for name, value in out.items():
             parts.setdefault(name, []).append(value)
+    if not parts:
+        raise ValueError(f"{description}: no image of the data set could be read.")
     return {name: torch.cat(values) for name, values in parts.items()}
+
+
+def _readable(samples: list[Any]) -> dict[str, Any] | None:
+    """Collate the samples a data set could read (dicts); ``None`` when it could read none of the batch."""
+    good = [sample for sample in samples if isinstance(sample, dict)]
+    return default_collate(good) if good else None
 
 
 def real_reference(
@@ -113,8 +134,9 @@ def real_reference(
     """The real features of ``split``, from the cache or computed (and cached) now.
 
     Args:
-        datamodule: A :class:`~diffusion_lightning.data.base.LabelledImageDataModule` (images in
-            ``[-1, 1]`` under ``datasets[split]``).
+        datamodule: Anything serving samples ``{"images" in [-1, 1], ...}`` under ``datasets[split]``
+            after ``setup()``: a :class:`~diffusion_lightning.data.base.LabelledImageDataModule`, an
+            ``ImageCaptionDataModule`` or a :class:`~diffusion_lightning.metrics.folders.FolderReference`.
         extractor: The feature space.
         split: ``train``, ``val`` or ``test``.
         cache_dir: Folder of the cache (default :func:`default_cache_dir`); ``None`` uses the default.
@@ -127,16 +149,18 @@ def real_reference(
     path = Path(cache_dir if cache_dir is not None else default_cache_dir()) / "reference" / f"{key}.safetensors"
     if path.is_file():
         tensors = load(path.read_bytes())
-        if tensors["labels"].shape[0] == len(dataset):
+        cached = int(tensors["dataset_size"]) if "dataset_size" in tensors else tensors["labels"].shape[0]
+        if cached == len(dataset):
             return RealReference(key, tensors["features"], tensors["labels"], tensors.get("logits"))
         log.warning(
-            "Cached real features %s hold %d images, the split has %d; recomputing.",
+            "Cached real features %s are of %d images, the split has %d; recomputing.",
             path,
-            tensors["labels"].shape[0],
+            cached,
             len(dataset),
         )
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=_readable)
     tensors = compute_features(extractor, loader, description=f"real {split} features", progress=progress)
+    tensors["dataset_size"] = torch.tensor(len(dataset))
     with atomic_file(path, "wb") as handle:
         handle.write(save({name: value.contiguous() for name, value in tensors.items()}, metadata={"key": key}))
     log.info("Cached real features of %d images at %s.", tensors["labels"].shape[0], path)

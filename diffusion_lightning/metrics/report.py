@@ -1,9 +1,11 @@
-"""An evaluation's numbers and pictures: ``metrics.json``, ``per_class.csv``, grids, logger entries.
+"""An evaluation's numbers and pictures: ``metrics.json``, the per-group table, grids, logger entries.
 
-Names follow one layout, in files and loggers alike (loggers add the ``evals/`` prefix):
-``<metric>/scores/<key>=<c>/avg|min|max`` per class, ``<metric>/scores/avg|min|max`` over all
-samples, where ``<key>`` is ``digit`` for digit classes and ``class`` otherwise; set-level
-numbers (``fid``, ``kid``, ``precision``, ``recall``, ``accuracy``, ...) sit at the top.
+Samples are scored in groups: a class for class-conditioned models (table ``per_class.csv``), a
+prompt for text-to-image models (``per_prompt.csv``). Names follow one layout, in files and loggers
+alike (loggers add the ``evals/`` prefix): ``<metric>/scores/<key>=<g>/avg|min|max`` per group,
+``<metric>/scores/avg|min|max`` over all samples, where ``<key>`` is ``digit`` for digit classes,
+``class`` for other classes and ``prompt`` for prompts (``<g>`` is then the prompt's index in the
+table); set-level numbers (``fid``, ``kid``, ``precision``, ``recall``, ``accuracy``, ...) sit at the top.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import PIL.ImageFont
 import torch
 
 from diffusion_lightning.loggers.media import Target, log_image, log_text
+from diffusion_lightning.metrics.prompts import shorten
 from diffusion_lightning.utils.images import label_grid, make_grid
 from diffusion_lightning.utils.io import atomic_write_text, save_image, write_json
 
@@ -49,11 +52,29 @@ def _annotated_tiles(images: torch.Tensor, captions: list[str], ncol: int, scale
 
 @dataclass
 class EvaluationResult:
-    """What :class:`~diffusion_lightning.metrics.evaluator.Evaluator.score` measured."""
+    """What :class:`~diffusion_lightning.metrics.evaluator.Evaluator.score` measured.
+
+    Args:
+        config: The evaluation's configuration, as a dict.
+        values: Set-level numbers: ``fid``, ``kid``, ``precision``, ``recall``, ``accuracy``, ...
+        summaries: Per-sample metric -> group (``str``) or ``"overall"`` -> ``avg``/``min``/``max``/``n``.
+        per_sample: Per-sample scores, ``(N,)`` each.
+        images: The scored images in ``[0, 1]``.
+        labels: The group of each sample: its class (class models) or its prompt's index in
+            ``prompts`` (text models).
+        class_names: Names of the classes, indexed by class (class models).
+        lpips_per_class: LPIPS diversity per group.
+        confusion: The judge's confusion matrix (requested class x read class).
+        num_worst: Samples in the worst-samples grid.
+        feature_space: The extractor names of FID/KID (``fid``) and precision/recall (``manifold``).
+        sampling: How the samples were generated.
+        prompts: The prompts, one per group (text models); ``None`` for class models.
+        targets: The class the judge should read in each sample (text models scored by the judge).
+    """
 
     config: dict[str, Any]
-    values: dict[str, float]  # set-level numbers: fid, kid, precision, recall, accuracy, ...
-    summaries: dict[str, dict[str, dict[str, float]]]  # per-sample metric -> class or "overall" -> avg/min/max/n
+    values: dict[str, float]
+    summaries: dict[str, dict[str, dict[str, float]]]
     per_sample: dict[str, torch.Tensor]
     images: torch.Tensor
     labels: torch.Tensor
@@ -63,14 +84,39 @@ class EvaluationResult:
     num_worst: int = 16
     feature_space: dict[str, str | None] = field(default_factory=dict)
     sampling: dict[str, Any] = field(default_factory=dict)
+    prompts: list[str] | None = None
+    targets: torch.Tensor | None = None
+
+    @property
+    def kind(self) -> str:
+        """``prompt`` when the groups are prompts, else ``class``."""
+        return "prompt" if self.prompts is not None else "class"
 
     @property
     def class_key(self) -> str:
+        """The group's name in metric names: ``prompt``, ``digit`` (digit classes) or ``class``."""
+        if self.prompts is not None:
+            return "prompt"
         names = self.class_names or [str(c) for c in sorted(set(self.labels.tolist()))]
         return "digit" if all(len(n) == 1 and n.isdigit() for n in names) else "class"
 
+    @property
+    def table_name(self) -> str:
+        """``per_prompt`` or ``per_class``: the per-group table's file (``.csv``) and logger name."""
+        return f"per_{self.kind}"
+
+    def group_name(self, group: int) -> str:
+        """The prompt or class name of a group."""
+        if self.prompts is not None:
+            return self.prompts[group]
+        return self.class_names[group] if self.class_names else str(group)
+
+    def target(self, index: int) -> int:
+        """The class the judge should read in sample ``index``."""
+        return int((self.targets if self.targets is not None else self.labels)[index])
+
     def metrics(self) -> dict[str, float]:
-        """Every scalar, flat: set-level values, then ``<metric>/scores/...`` per class and overall."""
+        """Every scalar, flat: set-level values, then ``<metric>/scores/...`` per group and overall."""
         flat = dict(self.values)
         key = self.class_key
         for metric, summary in self.summaries.items():
@@ -81,13 +127,23 @@ class EvaluationResult:
             flat[f"lpips_diversity/scores/{key}={c}/avg"] = value
         return flat
 
-    def per_class(self) -> list[dict[str, Any]]:
-        """One row per class: sample count, then each metric's average (and the realism range)."""
+    def per_group(self) -> list[dict[str, Any]]:
+        """One row per group: its class (and name) or prompt, sample count, metric averages, the realism range.
+
+        Prompt rows start with ``prompt_id`` (the ``<g>`` of metric names), ``prompt`` and, when the
+        judge scored them, ``class`` (the class it should read).
+        """
         rows = []
         for c in sorted(set(self.labels.tolist())):
-            row: dict[str, Any] = {"class": c}
-            if self.class_names:
-                row["name"] = self.class_names[c]
+            row: dict[str, Any]
+            if self.prompts is not None:
+                row = {"prompt_id": c, "prompt": self.prompts[c]}
+                if self.targets is not None:
+                    row["class"] = int(self.targets[self.labels == c][0])
+            else:
+                row = {"class": c}
+                if self.class_names:
+                    row["name"] = self.class_names[c]
             row["n"] = int((self.labels == c).sum())
             for metric, summary in self.summaries.items():
                 stats = summary.get(str(c))
@@ -114,13 +170,20 @@ class EvaluationResult:
         return order[: self.num_worst]
 
     def _caption(self, i: int) -> str:
-        parts = [f"#{i} want {self.labels[i].item()}"]
+        lines = [f"#{i}"]
+        if self.prompts is not None:
+            lines[0] += f" {shorten(self.prompts[int(self.labels[i])], 20)!r}"
+            if "predicted" in self.per_sample:
+                lines.append(f"want {self.target(i)}")
+        else:
+            lines[0] += f" want {self.labels[i].item()}"
+        scores = []
         if "predicted" in self.per_sample:
-            parts[0] += f" read {self.per_sample['predicted'][i].item()}"
-            parts.append(f"p={self.per_sample['class_probability'][i].item():.2f}")
+            lines[-1] += f" read {self.per_sample['predicted'][i].item()}"
+            scores.append(f"p={self.per_sample['class_probability'][i].item():.2f}")
         if "realism" in self.per_sample:
-            parts.append(f"real={self.per_sample['realism'][i].item():.2f}")
-        return parts[0] + ("\n" + " ".join(parts[1:]) if len(parts) > 1 else "")
+            scores.append(f"real={self.per_sample['realism'][i].item():.2f}")
+        return "\n".join(lines + ([" ".join(scores)] if scores else []))
 
     def worst_grid(self, ncol: int = 8) -> PIL.Image.Image | None:
         index = self.worst()
@@ -130,14 +193,17 @@ class EvaluationResult:
             self.images[index], [self._caption(i) for i in index.tolist()], min(ncol, index.numel())
         )
 
-    def samples_grid(self, per_class: int = 10) -> PIL.Image.Image:
-        """Up to ``per_class`` samples of each class, one labelled row per class."""
-        classes = sorted(set(self.labels.tolist()))
-        rows = [self.images[self.labels == c][:per_class] for c in classes]
+    def samples_grid(self, per_class: int = 10, max_rows: int = 16) -> PIL.Image.Image:
+        """Up to ``per_class`` samples of each group, a row per group labelled with its class or shortened prompt.
+
+        At most ``max_rows`` groups (the first ones) are shown.
+        """
+        groups = sorted(set(self.labels.tolist()))[:max_rows]
+        rows = [self.images[self.labels == c][:per_class] for c in groups]
         width = max(r.shape[0] for r in rows)
         blank = torch.ones_like(self.images[:1])
         tiles = torch.cat([torch.cat([r, blank.expand(width - r.shape[0], -1, -1, -1)]) for r in rows])
-        names = [self.class_names[c] if self.class_names else str(c) for c in classes]
+        names = [shorten(self.group_name(c), 32) for c in groups]
         return label_grid(make_grid(tiles, nrow=width), names, scale=2)
 
     def confusion_figure(self) -> Any:
@@ -176,7 +242,13 @@ class EvaluationResult:
     def to_dict(self, **info: Any) -> dict[str, Any]:
         worst = []
         for i in self.worst().tolist():
-            entry: dict[str, Any] = {"index": i, "class": self.labels[i].item()}
+            entry: dict[str, Any] = {"index": i}
+            if self.prompts is not None:
+                entry["prompt"] = self.prompts[int(self.labels[i])]
+                if self.targets is not None:
+                    entry["class"] = self.target(i)
+            else:
+                entry["class"] = self.labels[i].item()
             for name in ("predicted", "class_probability", "realism"):
                 if name in self.per_sample:
                     entry[name] = self.per_sample[name][i].item()
@@ -188,13 +260,14 @@ class EvaluationResult:
             "feature_space": self.feature_space,
             "n_samples": int(self.labels.numel()),
             "metrics": self.metrics(),
-            "per_class": self.per_class(),
+            self.table_name: self.per_group(),
             "confusion": self.confusion.tolist() if self.confusion is not None else None,
             "worst": worst,
         }
 
-    def per_class_csv(self) -> str:
-        rows = self.per_class()
+    def group_csv(self) -> str:
+        """:meth:`per_group` as CSV."""
+        rows = self.per_group()
         columns = list(dict.fromkeys(k for row in rows for k in row))
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=columns, lineterminator="\n")
@@ -203,11 +276,15 @@ class EvaluationResult:
         return buffer.getvalue()
 
     def write(self, out_dir: str | os.PathLike[str], **info: Any) -> Path:
-        """``metrics.json``, ``per_class.csv``, ``worst.png``, ``samples.png`` and ``confusion.png`` in ``out_dir``."""
+        """Write the evaluation's files to ``out_dir``; returns it.
+
+        ``metrics.json``, ``per_class.csv`` (class models) or ``per_prompt.csv`` (text models),
+        ``worst.png``, ``samples.png`` and, when the judge scored the samples, ``confusion.png``.
+        """
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)
         write_json(out / "metrics.json", self.to_dict(**info))
-        atomic_write_text(out / "per_class.csv", self.per_class_csv())
+        atomic_write_text(out / f"{self.table_name}.csv", self.group_csv())
         worst = self.worst_grid()
         if worst is not None:
             save_image(worst, out / "worst.png")
@@ -220,7 +297,7 @@ class EvaluationResult:
         return out
 
     def log(self, target: Target, step: int | None = None, prefix: str = "evals", scalars: bool = True) -> None:
-        """Scalars (unless ``scalars=False``), the per-class table and the grids to a Trainer's or a list of loggers."""
+        """Scalars (unless ``scalars=False``), the per-group table and the grids to a Trainer's or a list of loggers."""
         from lightning.pytorch import Trainer
 
         loggers = (
@@ -231,7 +308,7 @@ class EvaluationResult:
             values = {f"{prefix}/{name}": value for name, value in self.metrics().items()}
             for logger in loggers:
                 logger.log_metrics(values, step=step)
-        log_text(loggers, f"{prefix}/per_class", self.per_class_csv(), step=step)
+        log_text(loggers, f"{prefix}/{self.table_name}", self.group_csv(), step=step)
         worst = self.worst_grid()
         if worst is not None:
             log_image(loggers, f"{prefix}/worst", worst, step=step)

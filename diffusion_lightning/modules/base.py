@@ -29,6 +29,7 @@ from diffusion_lightning.losses import (
     training_target,
 )
 from diffusion_lightning.optim import WarmupCosineLR, optimizer_config
+from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, generate
 from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.seeding import collect_rng_states, mix_seed, restore_rng_states
@@ -177,6 +178,19 @@ class DiffusionModule(LightningModule, ABC):
     def build_pipeline(self, scheduler: str | None = None) -> Any:
         """A diffusers pipeline around the current weights, with the named sampling scheduler."""
 
+    def condition_spec(self) -> ConditionSpec:
+        """What this model can be asked to generate (class labels, prompts) and its defaults.
+
+        Sampling callbacks, ``evaluate`` and ``predict`` go through it (see
+        :mod:`diffusion_lightning.pipelines.conditioning`). The default reads ``num_classes`` and
+        ``class_names``; a model conditioned another way overrides it.
+        """
+        num_classes = getattr(self, "num_classes", None)
+        if not isinstance(num_classes, int):
+            raise NotImplementedError(f"{type(self).__name__} does not declare its conditioning (condition_spec).")
+        names = getattr(self, "class_names", None)
+        return ConditionSpec("class", num_classes=num_classes, class_names=tuple(names) if names else None)
+
     @property
     @abstractmethod
     def denoiser(self) -> torch.nn.Module:
@@ -263,6 +277,46 @@ class DiffusionModule(LightningModule, ABC):
     def test_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
         out = self._evaluation_step(batch, batch_idx, "test")
         return {"loss": out.loss, "per_sample_loss": out.per_sample_loss, "timesteps": out.timesteps}
+
+    # ------------------------------------------------------------------ prediction
+
+    def predict_conditions(self, batch: Any) -> Conditions:
+        """The conditions of a predict batch: ``{"labels": (B,)}`` (or a label tensor) or ``{"prompts": [...]}``."""
+        spec = self.condition_spec()
+        if isinstance(batch, dict) and "prompts" in batch:
+            return spec.resolve(prompts=list(batch["prompts"]), negative_prompts=batch.get("negative_prompts"))
+        labels = batch["labels"] if isinstance(batch, dict) else batch
+        return spec.resolve(classes=torch.as_tensor(labels).reshape(-1).tolist())
+
+    @override
+    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """Generate one image per condition of the batch with the module's sampler, steps and guidance.
+
+        Image ``i`` of the batch comes from a CPU generator seeded by ``(seed, index)``, where the
+        index is the batch's ``index`` entry when it has one (its place in the whole predict set),
+        else ``(batch_idx, i, rank)``: the same image on any device, whatever the batch size.
+        Returns ``images`` (``(B, C, H, W)`` in ``[0, 1]``, CPU), ``conditions`` (one JSON-ready dict
+        per image), ``seeds`` and ``labels`` or ``prompts``.
+        """
+        conditions = self.predict_conditions(batch)
+        index = batch.get("index") if isinstance(batch, dict) else None
+        if index is not None:
+            seeds = [mix_seed(self.seed, 0x9E4D, int(k)) for k in torch.as_tensor(index).tolist()]
+        else:
+            seeds = [mix_seed(self.seed, 0x9E4D, batch_idx, i, self.global_rank) for i in range(len(conditions))]
+        pipeline = self.build_pipeline()
+        pipeline.set_progress_bar_config(disable=True)
+        images = generate(
+            pipeline,
+            conditions,
+            num_inference_steps=self.num_inference_steps,
+            guidance_scale=self.guidance_scale,
+            generator=[torch.Generator().manual_seed(seed) for seed in seeds],
+            image_size=getattr(self, "image_size", None),
+        )
+        key = "labels" if conditions.kind == "class" else "prompts"
+        values = torch.tensor(conditions.values) if conditions.kind == "class" else list(conditions.values)
+        return {"images": images, "conditions": conditions.as_records(), "seeds": seeds, key: values}
 
     # ------------------------------------------------------------------ optimization
 

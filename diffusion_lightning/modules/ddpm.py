@@ -86,18 +86,3 @@ class ClassConditionedDDPM(DiffusionModule):
         return ClassConditionedPipeline(
             unet=self.unet, scheduler=self.sampling_scheduler(scheduler), class_names=self.class_names
         )
-
-    @override
-    def predict_step(self, batch: Any, batch_idx: int) -> dict[str, torch.Tensor]:
-        labels = batch["labels"] if isinstance(batch, dict) else batch
-        pipeline = self.build_pipeline()
-        pipeline.set_progress_bar_config(disable=True)
-        generator = self.generator(0x9E4D, batch_idx, self.global_rank)
-        out = pipeline(
-            labels,
-            num_inference_steps=self.num_inference_steps,
-            guidance_scale=self.guidance_scale,
-            generator=generator,
-            output_type="pt",
-        )
-        return {"images": out.images, "labels": out.class_labels}

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -26,7 +25,7 @@ from typing_extensions import override
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.ddpm import drop_class_labels
-from diffusion_lightning.nets.unet import num_classes_of
+from diffusion_lightning.modules.loading import load_pipeline_source, source_kind
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
 
 __all__ = ["KnowledgeDistillationModule", "Teacher", "load_teacher"]
@@ -56,26 +55,28 @@ class Teacher:
 
 
 def load_teacher(path: str | os.PathLike[str], weights: str = "ema") -> Teacher:
-    """The teacher in ``path``: a ``.ckpt`` written by ``fit`` or an exported pipeline folder."""
-    source = Path(path)
-    if source.is_file():
-        from diffusion_lightning.utils.checkpoint import load_module
+    """The teacher in ``path``: a ``.ckpt`` written by ``fit`` or an exported pipeline folder.
 
-        module = load_module(source, weights=weights)
-        unet = getattr(module, "unet", None)
-        if unet is None:
-            raise ValueError(f"teacher={str(path)!r} holds a {type(module).__name__}, which has no unet to distil.")
-        config = {k: v for k, v in module.noise_scheduler.config.items() if not k.startswith("_")}
-        names = getattr(module, "class_names", None)
-        return Teacher(unet, config, num_classes_of(unet), names, float(module.guidance_scale))
-    if (source / "model_index.json").is_file():
-        pipeline = ClassConditionedPipeline.from_pretrained(source)
-        config = {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")}
-        return Teacher(pipeline.unet, config, pipeline.num_classes, pipeline.config.get("class_names"))
-    raise FileNotFoundError(
-        f"teacher={str(path)!r} is neither a checkpoint file (.ckpt written by fit) nor an exported pipeline "
-        "folder (with model_index.json)."
+    Raises:
+        FileNotFoundError: When ``path`` is neither.
+        ValueError: When it holds no class-conditioned model.
+    """
+    kind = source_kind(path)
+    if kind is None:
+        raise FileNotFoundError(
+            f"teacher={str(path)!r} is neither a checkpoint file (.ckpt written by fit) nor an exported pipeline "
+            "folder (with model_index.json)."
+        )
+    checkpoint = kind == "ckpt"
+    pipeline, defaults = load_pipeline_source(
+        ckpt=path if checkpoint else None,
+        pipeline=None if checkpoint else path,
+        weights=weights,
+        expect=ClassConditionedPipeline,
     )
+    config = {k: v for k, v in pipeline.scheduler.config.items() if not k.startswith("_")}
+    names = pipeline.config.get("class_names")
+    return Teacher(pipeline.unet, config, pipeline.num_classes, names, float(defaults["guidance_scale"]))
 
 
 def _freeze(module: nn.Module) -> nn.Module:

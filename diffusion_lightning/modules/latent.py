@@ -16,18 +16,22 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from lightning.pytorch.utilities import rank_zero_only, rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
+from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.nets.latent import (
     LatentComponents,
+    add_lora_adapters,
     build_components,
     fused_lora_pipeline,
     load_components,
     lora_layers,
+    set_attention,
 )
+from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
 
@@ -39,7 +43,7 @@ UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
-class LatentDiffusionModule(DiffusionModule):
+class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
     """Fine-tune a latent text-to-image model (VAE + CLIP text encoder + ``UNet2DConditionModel``).
 
     Batches are dicts with ``images`` (``(B, 3, H, W)`` in ``[-1, 1]``) and ``captions`` (strings)
@@ -74,10 +78,11 @@ class LatentDiffusionModule(DiffusionModule):
             crops and no flips.
         image_size: Height and width of generated images (linked from the data module's resolution).
         in_channels: Image channels (linked from the data module; must be 3).
-        validation_prompts: Prompts generated after every validation and logged as
-            ``validation/samples``.
+        validation_prompts: The model's default prompts: what the sampling callbacks
+            (``SampleGridLogger``, ``GenerationMonitor``, the attention loggers, ``PeriodicEvaluation``)
+            and ``evaluate --ckpt`` generate when they are given no prompts.
         validation_negative_prompts: One negative prompt per validation prompt (or one for all).
-        validation_seed: Seed of validation image ``i`` is ``validation_seed + i``.
+        validation_seed: Unused (kept so earlier checkpoints load); the sampling callbacks have a ``seed``.
         num_classes: Accepted for the CLI's data links; unused.
         class_names: Accepted for the CLI's data links; unused.
         prediction_type: ``epsilon``, ``v_prediction`` or ``sample``; default the pretrained
@@ -174,7 +179,7 @@ class LatentDiffusionModule(DiffusionModule):
             self.unet.enable_gradient_checkpointing()
             if self.train_text_encoder or self.lora_text_encoder:
                 self.text_encoder.gradient_checkpointing_enable()
-        self._set_attention(attention)
+        set_attention(self.unet, attention)
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
@@ -190,30 +195,10 @@ class LatentDiffusionModule(DiffusionModule):
         self.unet.requires_grad_(self.training_mode == "full")
         self.text_encoder.requires_grad_(self.train_text_encoder)
         if self.training_mode == "lora":
-            from peft import LoraConfig
-
-            self.unet.add_adapter(
-                LoraConfig(**self.lora_config, init_lora_weights="gaussian", target_modules=unet_targets)
-            )
-            if self.lora_text_encoder:
-                # peft's own injection (what diffusers' load_lora_weights uses for text encoders): transformers'
-                # add_adapter wrapper demands a newer peft than diffusers does.
-                from peft import inject_adapter_in_model
-
-                config = LoraConfig(**self.lora_config, init_lora_weights="gaussian", target_modules=text_targets)
-                inject_adapter_in_model(config, self.text_encoder, adapter_name="default")
-
-    def _set_attention(self, attention: str) -> None:
-        if attention == "xformers":
-            try:
-                import xformers  # noqa: F401
-            except ImportError as error:
-                raise ValueError("attention='xformers' needs the xformers package; use 'sdpa' instead.") from error
-            self.unet.enable_xformers_memory_efficient_attention()
-        elif attention == "default":
-            from diffusers.models.attention_processor import AttnProcessor
-
-            self.unet.set_attn_processor(AttnProcessor())
+            add_lora_adapters(
+                self.unet, self.lora_config, unet_targets, self.text_encoder if self.lora_text_encoder else None,
+                text_targets,
+            )  # fmt: skip
 
     @override
     def train(self, mode: bool = True) -> LatentDiffusionModule:
@@ -229,6 +214,15 @@ class LatentDiffusionModule(DiffusionModule):
         return self.unet
 
     # ------------------------------------------------------------------ conditioning
+
+    @override
+    def condition_spec(self) -> ConditionSpec:
+        """Text prompts; callers that name none get ``validation_prompts`` (and ``validation_negative_prompts``)."""
+        return ConditionSpec(
+            "prompt",
+            default_prompts=tuple(self.validation_prompts),
+            default_negative_prompts=tuple(self.validation_negative_prompts) or None,
+        )
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
         """Token ids ``(B, model_max_length)``; prompts longer than that are truncated, with one warning."""
@@ -338,36 +332,6 @@ class LatentDiffusionModule(DiffusionModule):
                 "data module's random crop/flip; set center_crop: true and random_flip: false, or drop the cache."
             )
 
-    # ------------------------------------------------------------------ checkpoints
-
-    def trainable_keys(self) -> set[str]:
-        """State-dict keys of the parameters being trained: all that checkpoints hold."""
-        return {name for name, param in self.named_parameters() if param.requires_grad}
-
-    @override
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        keep = self.trainable_keys()
-        for field in ("state_dict", "current_model_state"):
-            if field in checkpoint:
-                checkpoint[field] = {k: v for k, v in checkpoint[field].items() if k in keep}
-
-    @override
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Complete the checkpoint's weights with the frozen ones, rebuilt from their source by ``__init__``."""
-        super().on_load_checkpoint(checkpoint)
-        keep = self.trainable_keys()
-        frozen = {k: v for k, v in self.state_dict().items() if k not in keep}
-        for field in ("state_dict", "current_model_state"):
-            if field in checkpoint:
-                missing = sorted(keep - set(checkpoint[field]))
-                if missing:
-                    raise KeyError(
-                        f"the checkpoint's {field} lacks {len(missing)} trained weight(s) of this "
-                        f"training_mode={self.training_mode!r}, e.g. {missing[:3]}."
-                    )
-                checkpoint[field] = {**frozen, **checkpoint[field]}
-
     # ------------------------------------------------------------------ pipelines and export
 
     @override
@@ -420,55 +384,3 @@ class LatentDiffusionModule(DiffusionModule):
                 (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
                 merged.save_pretrained(tmp, safe_serialization=True)
         return Path(path)
-
-    # ------------------------------------------------------------------ validation images
-
-    @torch.no_grad()
-    def generate(
-        self,
-        prompts: list[str],
-        negative_prompts: list[str] | None = None,
-        seed: int = 0,
-        num_inference_steps: int | None = None,
-        guidance_scale: float | None = None,
-    ) -> torch.Tensor:
-        """Images ``(B, 3, H, W)`` in ``[0, 1]`` for ``prompts``; image ``i`` from seed ``seed + i``."""
-        pipeline = self.build_pipeline()
-        pipeline.set_progress_bar_config(disable=True)
-        negative = negative_prompts or None
-        if negative is not None and len(negative) == 1:
-            negative = negative * len(prompts)
-        generators = [torch.Generator().manual_seed(seed + i) for i in range(len(prompts))]
-        out = pipeline(
-            prompt=list(prompts),
-            negative_prompt=negative,
-            num_inference_steps=num_inference_steps or self.num_inference_steps,
-            guidance_scale=self.guidance_scale if guidance_scale is None else guidance_scale,
-            generator=generators,
-            height=self.image_size,
-            width=self.image_size,
-            output_type="pt",
-        )
-        return out.images.float().cpu()
-
-    @override
-    def on_validation_epoch_end(self) -> None:
-        if self.validation_prompts and not self.trainer.sanity_checking:
-            self._log_validation_images()
-
-    @rank_zero_only
-    def _log_validation_images(self) -> None:
-        from diffusion_lightning.callbacks.samples import sampling_mode
-        from diffusion_lightning.loggers.media import log_image
-        from diffusion_lightning.utils.images import label_grid, make_grid, to_pil
-
-        with sampling_mode(self), torch.random.fork_rng(devices=[]):
-            images = self.generate(self.validation_prompts, self.validation_negative_prompts, self.validation_seed)
-        grid = make_grid(images, nrow=len(images))
-        log_image(self.trainer, "validation/samples", grid)
-        folder = Path(self.trainer.default_root_dir) / "validation" / f"step={self.global_step:06d}"
-        folder.mkdir(parents=True, exist_ok=True)
-        label_grid(grid, None, scale=max(1, 256 // self.image_size)).save(folder / "samples.png")
-        for i, (image, prompt) in enumerate(zip(images, self.validation_prompts)):
-            to_pil(image).save(folder / f"{i:02d}.png")
-            (folder / f"{i:02d}.txt").write_text(prompt + "\n")

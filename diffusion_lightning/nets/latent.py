@@ -214,6 +214,40 @@ def load_components(
     }
 
 
+def add_lora_adapters(
+    unet: Any,
+    config: dict[str, Any],
+    unet_targets: list[str],
+    text_encoder: Any = None,
+    text_targets: list[str] | None = None,
+) -> None:
+    """peft LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` of ``config``) on the UNet (and the text encoder)."""
+    from peft import LoraConfig
+
+    unet.add_adapter(LoraConfig(**config, init_lora_weights="gaussian", target_modules=unet_targets))
+    if text_encoder is not None:
+        # peft's own injection (what diffusers' load_lora_weights uses for text encoders): transformers'
+        # add_adapter wrapper demands a newer peft than diffusers does.
+        from peft import inject_adapter_in_model
+
+        text_config = LoraConfig(**config, init_lora_weights="gaussian", target_modules=text_targets)
+        inject_adapter_in_model(text_config, text_encoder, adapter_name="default")
+
+
+def set_attention(unet: Any, attention: str) -> None:
+    """The UNet's attention implementation: ``sdpa`` (diffusers' default), ``xformers`` or ``default``."""
+    if attention == "xformers":
+        try:
+            import xformers  # noqa: F401
+        except ImportError as error:
+            raise ValueError("attention='xformers' needs the xformers package; use 'sdpa' instead.") from error
+        unet.enable_xformers_memory_efficient_attention()
+    elif attention == "default":
+        from diffusers.models.attention_processor import AttnProcessor
+
+        unet.set_attn_processor(AttnProcessor())
+
+
 def lora_layers(unet: Any, text_encoder: Any = None) -> dict[str, dict[str, torch.Tensor]]:
     """peft adapters in diffusers' LoRA layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``).
 

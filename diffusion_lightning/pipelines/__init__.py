@@ -5,5 +5,14 @@ from diffusion_lightning.pipelines.class_conditioned import (
     ClassConditionedPipelineOutput,
     ClassGridOutput,
 )
+from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, condition_spec, generate
 
-__all__ = ["ClassConditionedPipeline", "ClassConditionedPipelineOutput", "ClassGridOutput"]
+__all__ = [
+    "ClassConditionedPipeline",
+    "ClassConditionedPipelineOutput",
+    "ClassGridOutput",
+    "ConditionSpec",
+    "Conditions",
+    "condition_spec",
+    "generate",
+]

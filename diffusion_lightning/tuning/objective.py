@@ -40,7 +40,7 @@ from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
 from typing_extensions import override
 
 from diffusion_lightning.cli import DiffusionCLI
-from diffusion_lightning.loggers.runs import _import, _logger_entries  # the same reading of trainer.logger as fit
+from diffusion_lightning.loggers.runs import logger_class, logger_entries  # the same reading of trainer.logger as fit
 from diffusion_lightning.tuning.pruning import GlobalStepPruningCallback
 from diffusion_lightning.tuning.space import SearchSpace
 
@@ -263,7 +263,7 @@ class TrialObjective:
         self.configs = [os.fspath(c) for c in configs]
         self.space = space
         self.out = Path(out)
-        self._loggers = _logger_entries(namespace.get("trainer.logger"), str(self.out))
+        self._loggers = logger_entries(namespace.get("trainer.logger"), str(self.out))
 
     def trial_dir(self, number: int) -> Path:
         """The run folder of trial ``number``."""
@@ -291,7 +291,7 @@ class TrialObjective:
             return False
         entries = copy.deepcopy(self._loggers)
         for entry in entries:
-            if issubclass(_import(entry["class_path"]), FOLDER_LOGGERS):
+            if issubclass(logger_class(entry["class_path"]), FOLDER_LOGGERS):
                 entry["init_args"].update(save_dir=str(self.out / "trials"), name="", version=f"trial_{number}")
         return entries if len(entries) > 1 else entries[0]
 

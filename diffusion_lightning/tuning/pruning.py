@@ -8,8 +8,9 @@ import warnings
 import lightning.pytorch as pl
 import optuna
 from optuna_integration.pytorch_lightning import PyTorchLightningPruningCallback
-from optuna_integration.pytorch_lightning.pytorch_lightning import _EPOCH_KEY, _INTERMEDIATE_VALUE, _PRUNED_KEY
 from typing_extensions import override
+
+from diffusion_lightning.utils.compat import pruning_keys, pruning_trial, trial_id
 
 __all__ = ["GlobalStepPruningCallback"]
 
@@ -57,26 +58,26 @@ class GlobalStepPruningCallback(PyTorchLightningPruningCallback):
             return  # a second validation at the same step (e.g. an extra validate): one report per step
         self.reported.append((step, value))
 
+        trial = pruning_trial(self)
         if not self.is_ddp_backend:
-            self._trial.report(value, step=step)
-            if self._trial.should_prune():
+            trial.report(value, step=step)
+            if trial.should_prune():
                 raise optuna.TrialPruned(f"Trial was pruned at step {step} ({self.monitor}={_fmt(value)}).")
             return
 
+        keys = pruning_keys()
         should_stop = False
         if trainer.is_global_zero:
-            self._trial.report(value, step=step)
-            should_stop = self._trial.should_prune()
-            trial_id = self._trial._trial_id
-            storage = self._trial.study._storage
-            intermediate_values = storage.get_trial_system_attrs(trial_id).get(_INTERMEDIATE_VALUE) or {}
-            intermediate_values[step] = value
-            self._trial.storage.set_trial_system_attr(trial_id, _INTERMEDIATE_VALUE, intermediate_values)
+            trial.report(value, step=step)
+            should_stop = trial.should_prune()
+            intermediate_values = trial.storage.get_trial_system_attrs(trial_id(trial)).get(keys.intermediate_value)
+            intermediate_values = {**(intermediate_values or {}), step: value}
+            trial.storage.set_trial_system_attr(trial_id(trial), keys.intermediate_value, intermediate_values)
         should_stop = trainer.strategy.broadcast(should_stop)
         trainer.should_stop = trainer.should_stop or should_stop
         if should_stop and trainer.is_global_zero:
-            self._trial.storage.set_trial_system_attr(self._trial._trial_id, _PRUNED_KEY, True)
-            self._trial.storage.set_trial_system_attr(self._trial._trial_id, _EPOCH_KEY, step)
+            trial.storage.set_trial_system_attr(trial_id(trial), keys.pruned, True)
+            trial.storage.set_trial_system_attr(trial_id(trial), keys.epoch, step)
 
 
 def _fmt(value: float) -> str:

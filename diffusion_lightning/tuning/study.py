@@ -45,6 +45,7 @@ from optuna.trial import TrialState
 from diffusion_lightning.tuning.objective import TrialObjective, check_search, preflight
 from diffusion_lightning.tuning.report import FINISHED, StudyReporter
 from diffusion_lightning.tuning.space import PRUNERS, SearchSpace, load_search
+from diffusion_lightning.utils.compat import study_storage, trial_id
 
 __all__ = ["SAMPLERS", "TuneSettings", "fail_orphaned_trials", "make_pruner", "make_sampler", "make_storage", "tune"]
 
@@ -176,12 +177,12 @@ def fail_orphaned_trials(study: optuna.Study, reason: str = ORPHANED) -> list[in
     Returns:
         The numbers of the trials failed.
     """
-    storage = study._storage
+    storage = study_storage(study)
     failed = []
     for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         try:
-            storage.set_trial_user_attr(trial._trial_id, "error", reason)
-            if storage.set_trial_state_values(trial._trial_id, state=TrialState.FAIL):
+            storage.set_trial_user_attr(trial_id(trial), "error", reason)
+            if storage.set_trial_state_values(trial_id(trial), state=TrialState.FAIL):
                 failed.append(trial.number)
         except optuna.exceptions.UpdateFinishedTrialError:
             pass  # it finished meanwhile

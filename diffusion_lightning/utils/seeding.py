@@ -6,7 +6,8 @@ from typing import Any
 
 import numpy as np
 import torch
-from lightning.fabric.utilities.seed import _collect_rng_states, _set_rng_states
+
+from diffusion_lightning.utils.compat import rng_states, set_rng_states
 
 #: Odd 64-bit mixing constants of splitmix64.
 _MIX = (0x9E3779B97F4A7C15, 0xBF58476D1CE4E5B9, 0x94D049BB133111EB)
@@ -28,10 +29,10 @@ def mix_seed(*values: int) -> int:
 def collect_rng_states() -> dict[str, Any]:
     """The global RNG states (torch, CUDA, numpy, Python) in a form ``weights_only`` loads.
 
-    Lightning's ``_collect_rng_states`` keeps numpy's state as an ndarray, which
+    Lightning's collection (``compat.rng_states``) keeps numpy's state as an ndarray, which
     ``torch.load(weights_only=True)`` refuses; the key array is stored as a tensor instead.
     """
-    states = _collect_rng_states(include_cuda=torch.cuda.is_available())
+    states = rng_states(include_cuda=torch.cuda.is_available())
     name, keys, pos, has_gauss, cached = states["numpy"]
     states["numpy"] = (name, torch.from_numpy(keys.astype(np.int64)), int(pos), int(has_gauss), float(cached))
     return states
@@ -45,4 +46,4 @@ def restore_rng_states(states: dict[str, Any]) -> None:
     if "numpy" in states:
         name, keys, pos, has_gauss, cached = states["numpy"]
         states["numpy"] = (name, np.asarray(keys, dtype=np.int64).astype(np.uint32), pos, has_gauss, cached)
-    _set_rng_states(states)
+    set_rng_states(states)
