@@ -174,6 +174,49 @@ def test_batches_processed_in_epoch_counts_this_epoch_and_continues_after_resume
 # ---------------------------------------------------------------------- Lightning: fabric utilities
 
 
+class _SometimesLogs(BoringModel):
+    """Logs ``sometimes`` at the first step only, and asks for it to be forgotten at the second."""
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if batch_idx == 0:
+            self.log("sometimes", 1.0, on_step=True, on_epoch=False)
+        elif batch_idx == 1:
+            compat.forget_step_values(self.trainer, {"sometimes"})
+        self.log("always", float(batch_idx), on_step=True, on_epoch=False)
+
+
+class _MetricsLogger(Logger):
+    """A logger that keeps every ``log_metrics`` call as ``(step, metrics)``."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.steps: list[tuple[int, dict[str, float]]] = []
+
+    @property
+    def name(self) -> str:
+        return "metrics"
+
+    @property
+    def version(self) -> int:
+        return 0
+
+    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+        pass
+
+    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps.append((int(step or 0), dict(metrics)))
+
+
+def test_forget_step_values_keeps_an_old_value_from_being_logged_again(tmp_path):
+    logger = _MetricsLogger()
+    trainer = Trainer(default_root_dir=tmp_path, max_steps=3, log_every_n_steps=1, logger=logger, limit_val_batches=0,
+                      enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
+    trainer.fit(_SometimesLogs())
+    logged = {step: set(metrics) for step, metrics in logger.steps}
+    assert "sometimes" in logged[0] and "always" in logged[1]
+    assert "sometimes" not in logged[1] and "sometimes" not in logged[2]  # without forgetting, repeated at 1 and 2
+
+
 def test_weight_averaging_internals_the_ema_subclass_uses(tmp_path):
     from lightning.pytorch.callbacks import EMAWeightAveraging
 

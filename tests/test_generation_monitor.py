@@ -1,6 +1,7 @@
 """GenerationMonitor: generation cost, latent statistics, trajectory and media, for class and text models."""
 
 import threading
+import time
 from types import SimpleNamespace
 
 import numpy as np
@@ -269,6 +270,25 @@ def test_media_written_on_exception_and_errors_only_warned(tmp_path, monkeypatch
     with pytest.raises(OSError, match="disk full"):  # a run that otherwise finished reports it
         fit(tmp_path / "fails", "ddpm", [failing])
     assert writer_threads() == []
+
+
+def test_media_are_on_disk_when_training_ends(tmp_path, monkeypatch):
+    monitor = GenerationMonitor(num_samples=1)
+    write = monitor._write_media
+
+    def slow_write(*args):
+        time.sleep(0.3)
+        write(*args)
+
+    monkeypatch.setattr(monitor, "_write_media", slow_write)
+    seen = {}
+
+    class AtFitEnd(Callback):  # where RunSummary and the user's own code look for them
+        def on_fit_end(self, trainer, pl_module):
+            seen["files"] = sorted(p.name for p in (tmp_path / "generation" / "epoch=0").glob("*.png"))
+
+    fit(tmp_path, "ddpm", [monitor, AtFitEnd()])
+    assert seen["files"] == ["samples.png", "trajectory.png"]
 
 
 # ---------------------------------------------------------------------- arguments

@@ -100,12 +100,6 @@ class DiffusionMetricsLogger(Callback):
         ):
             if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
                 raise ValueError(f"{name}={value!r} is not accepted; expected an int >= 1 or None.")
-        for name, value in (
-            ("generate_every_n_epochs", generate_every_n_epochs),
-            ("evaluate_every_n_epochs", evaluate_every_n_epochs),
-        ):
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
-                raise ValueError(f"{name}={value!r} is not accepted; expected an int >= 1, or None to leave it out.")
         if log_every_n_steps is not None:
             rank_zero_warn("DiffusionMetricsLogger(log_every_n_steps=...) is ignored; set trainer.log_every_n_steps.")
         self.timestep_loss = TimestepLossLogger(num_buckets) if log_diffusion_metrics else None

@@ -190,6 +190,7 @@ class SamplingCallback(Callback):
         self.check(trainer, module)
         self.conditions(module)
         self._warn_if_after_weight_averaging(trainer)
+        self._last_step = None  # a new fit with the same callback samples at its first due validation
 
     @override
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:

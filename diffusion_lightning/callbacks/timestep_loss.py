@@ -14,23 +14,11 @@ from typing_extensions import override
 
 from diffusion_lightning.metrics.timestep import TimestepLoss
 from diffusion_lightning.modules.base import DiffusionModule
-from diffusion_lightning.utils.compat import should_update_logs
+from diffusion_lightning.utils.compat import forget_step_values, should_update_logs
 
 __all__ = ["TimestepLossLogger"]
 
 _STAGES = {"validation": "val", "test": "test"}
-
-
-def _forget_step_values(trainer: pl.Trainer, names: set[str]) -> None:
-    """Drop the values logged under ``names`` at an earlier step from the running loop's results.
-
-    Lightning keeps a step value logged in ``on_train_batch_end`` until the epoch ends and sends it
-    to the loggers again at every later logging step where the same name is not logged anew.
-    """
-    results = getattr(trainer, "_results", None) if names else None  # Lightning's _ResultCollection
-    for result in (results or {}).values():
-        if result.meta.name in names:
-            result.reset()  # marks it reset: left out of the logged metrics until logged again
 
 
 class TimestepLossLogger(Callback):
@@ -156,7 +144,7 @@ class TimestepLossLogger(Callback):
         on_step = prefix.startswith("diffusion/")
         if on_step:  # an empty bucket is left out of this step's log, not repeated from an earlier one
             empty = {f"{prefix}_{name}" for name in self.bucket_names()} - set(values)
-            _forget_step_values(pl_module.trainer, empty)
+            forget_step_values(pl_module.trainer, empty)
         for name, value in values.items():  # already reduced over processes by the metric
             pl_module.log(name, value, on_step=on_step, on_epoch=not on_step, sync_dist=False, batch_size=1)
 

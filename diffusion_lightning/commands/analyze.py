@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+from jsonargparse import Namespace
 
 from diffusion_lightning.analysis import (
     Session,
@@ -21,61 +22,79 @@ from diffusion_lightning.analysis import (
     trajectory_comparison,
     write_analysis,
 )
+from diffusion_lightning.commands.common import CommandParser, add_dataclass_flags
 from diffusion_lightning.utils.device import resolve_device
 
-ANALYSES = ("mse", "trajectory", "denoising", "time")
-LOGGERS = ("tensorboard", "csv", "none")
+#: What ``analyze`` can run (``all``: every one).
+AnalysisName = Literal["mse", "trajectory", "denoising", "time", "all"]
+ANALYSES: tuple[str, ...] = get_args(AnalysisName)[:-1]
+#: Where ``analyze`` logs its figures.
+LoggerName = Literal["tensorboard", "csv", "none"]
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
 
 log = logging.getLogger(__name__)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class AnalyzeArguments:
+    """What ``analyze`` compares, how, and where it writes.
+
+    Args:
+        analysis: What to run (all: the four).
+        teacher: Teacher: a .ckpt file or a pipeline folder.
+        students: Students: .ckpt files or pipeline folders.
+        out: Output folder.
+        labels: Student names (default: their folder or file names).
+        classes: Classes to sample (default: all).
+        n_per_class: Samples per class.
+        steps: DDIM steps.
+        guidance_scale: Classifier-free guidance scale (default: the teacher's, 2.0 when unknown).
+        seed: Seed of the shared noise.
+        cpu: Run on the CPU even when a GPU is present.
+        timesteps: mse: evenly spaced training timesteps.
+        columns: denoising: steps shown per strip.
+        repeats: time: UNet forwards per latency median.
+        judge: time: DigitClassifier checkpoint for accuracy and FID (default: skipped).
+        n_samples: time: samples per model for the judge.
+        data: time: YAML with a data: section for FID's real images (default: embedded MNIST).
+        cache_dir: time: cache of real-image features.
+        batch_size: time: judge batch size.
+        logger: Where the PNGs go (OUT/logs).
+        progress: Show progress bars.
+    """
+
+    analysis: AnalysisName = field(metadata={"positional": True})
+    teacher: str
+    students: list[str]
+    out: str
+    labels: list[str] | None = None
+    classes: list[int] | None = None
+    n_per_class: int = 4
+    steps: int = 50
+    guidance_scale: float | None = None
+    seed: int = 0
+    cpu: bool = False
+    timesteps: int = 20
+    columns: int = 5
+    repeats: int = 5
+    judge: str | None = None
+    n_samples: int = 500
+    data: str | None = None
+    cache_dir: str | None = None
+    batch_size: int = 50
+    logger: LoggerName = "tensorboard"
+    progress: bool = True
+
+
+def build_parser() -> CommandParser:
+    """The ``analyze`` parser: the fields of :class:`AnalyzeArguments`."""
+    parser = CommandParser(
         prog="diffusion-lightning analyze",
         description="Compare student networks with their teacher from the same noise and classes: prediction MSE "
         "per timestep (mse), DDIM trajectories (trajectory), x_t / predicted x_0 strips (denoising), and latency, "
         "parameters, MACs and optional judge quality (time). Writes OUT/<analysis>.csv, .json and .png.",
     )
-    parser.add_argument("analysis", choices=(*ANALYSES, "all"), help="what to run (all: the four)")
-    parser.add_argument("--teacher", required=True, help="teacher: a .ckpt file or a pipeline folder")
-    parser.add_argument("--students", nargs="+", required=True, help="students: .ckpt files or pipeline folders")
-    parser.add_argument("--labels", nargs="+", help="student names (default: their folder or file names)")
-    parser.add_argument("--out", required=True, help="output folder")
-    parser.add_argument("--classes", nargs="+", type=int, help="classes to sample (default: all)")
-    parser.add_argument(
-        "--n-per-class", "--n_per_class", dest="n_per_class", type=int, default=4,
-        help="samples per class (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (default: %(default)s)")
-    parser.add_argument(
-        "--guidance-scale", "--guidance_scale", dest="guidance_scale", type=float,
-        help="classifier-free guidance scale (default: the teacher's, 2.0 when unknown)",
-    )  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the shared noise (default: %(default)s)")
-    parser.add_argument("--cpu", action="store_true", help="run on the CPU even when a GPU is present")
-    parser.add_argument(
-        "--timesteps", type=int, default=20, help="mse: evenly spaced training timesteps (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--columns", type=int, default=5, help="denoising: steps shown per strip (default: %(default)s)"
-    )
-    parser.add_argument(
-        "--repeats", type=int, default=5, help="time: UNet forwards per latency median (default: %(default)s)"
-    )
-    parser.add_argument("--judge", help="time: DigitClassifier checkpoint for accuracy and FID (default: skipped)")
-    parser.add_argument(
-        "--n-samples", "--n_samples", dest="n_samples", type=int, default=500,
-        help="time: samples per model for the judge (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--data", help="time: YAML with a data: section for FID's real images (default: embedded MNIST)"
-    )
-    parser.add_argument("--cache-dir", dest="cache_dir", help="time: cache of real-image features")
-    parser.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, default=50, help="time: judge batch size"
-    )
-    parser.add_argument("--logger", choices=LOGGERS, default="tensorboard", help="where PNGs go (OUT/logs)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
+    add_dataclass_flags(parser, AnalyzeArguments)
     return parser
 
 
@@ -92,7 +111,7 @@ def _scalars(table: Table) -> dict[str, float]:
     return {}
 
 
-def run(args: argparse.Namespace) -> dict[str, Table]:
+def run(args: Namespace) -> dict[str, Table]:
     """Load the models, run the chosen analyses and write their files; the tables by analysis name."""
     device = torch.device("cpu") if args.cpu else resolve_device("auto")
     chosen = list(ANALYSES) if args.analysis == "all" else [args.analysis]

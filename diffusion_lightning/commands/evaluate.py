@@ -8,34 +8,64 @@ folder with ``metadata.jsonl``), else the ``--reference-split`` of ``--data`` (e
 
 from __future__ import annotations
 
-import argparse
 import logging
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
+from jsonargparse import Namespace
 
-from diffusion_lightning.commands.common import add_sampling_arguments, load_pipeline
-from diffusion_lightning.metrics.evaluator import (
-    DEFAULT_METRICS,
-    FEATURE_EXTRACTORS,
-    METRICS,
-    EvaluationConfig,
-    Evaluator,
+from diffusion_lightning.commands.common import (
+    CommandParser,
+    PipelineSource,
+    SamplingOptions,
+    add_dataclass_flags,
+    from_args,
+    load_pipeline,
 )
-from diffusion_lightning.metrics.judge import DEFAULT_JUDGE
+from diffusion_lightning.metrics.evaluator import EvaluationConfig, Evaluator
 from diffusion_lightning.metrics.prompts import FORMAT as PROMPTS_FORMAT
 from diffusion_lightning.metrics.prompts import PromptSet, read_prompts
 from diffusion_lightning.metrics.report import EvaluationResult
 from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, condition_spec
 from diffusion_lightning.utils.device import resolve_device
 
-LOGGERS = ("tensorboard", "csv", "wandb", "neptune", "none")
+#: Where ``evaluate`` logs its numbers.
+LoggerName = Literal["tensorboard", "csv", "wandb", "neptune", "none"]
+LOGGERS: tuple[str, ...] = get_args(LoggerName)
+#: Fields of :class:`EvaluationConfig` that are not flags of their own: the sampling options come from
+#: :class:`SamplingOptions`, the prompts from ``--prompts FILE``.
+NOT_FLAGS = ("num_inference_steps", "guidance_scale", "scheduler", "seed", "prompts", "prompt_classes", "kid_subsets")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class EvaluateArguments(PipelineSource):
+    """What ``evaluate`` scores and where its results go; how it scores is :class:`EvaluationConfig`.
+
+    Args:
+        real: Score real images of this split (train/val/test) instead of generated ones: a sanity check.
+        out: Output folder (default: eval/ beside the run or pipeline).
+        prompts: Prompts of a text-to-image model: one per line, 'prompt<TAB>class' to give the judge's
+            class; blank lines and # comments are ignored (default with --ckpt: the module's
+            validation_prompts). With --real, the classes of captions that name no digit.
+        data: YAML with a data: section (class_path/init_args) for the real images (default: embedded MNIST).
+        logger: Where the evals/ numbers go.
+        step: Logger step (default: the checkpoint's global step, else 0).
+    """
+
+    real: str | None = field(default=None, metadata={"metavar": "SPLIT"})
+    out: str | None = None
+    prompts: str | None = field(default=None, metadata={"metavar": "FILE"})
+    data: str | None = None
+    logger: LoggerName = "tensorboard"
+    step: int | None = None
+
+
+def build_parser() -> CommandParser:
+    """The ``evaluate`` parser: :class:`EvaluateArguments`, :class:`EvaluationConfig` and :class:`SamplingOptions`."""
+    parser = CommandParser(
         prog="diffusion-lightning evaluate",
         description="Generate n samples from a checkpoint or pipeline (or take real images), score them with the "
         "digit judge, FID/KID, precision/recall/realism and optionally IS, LPIPS and CLIP score, and write "
@@ -43,76 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--prompts), OUT/worst.png, OUT/samples.png and OUT/confusion.png; the numbers go to a logger under "
         "evals/. Same arguments and seed, same numbers.",
     )
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", help="a .ckpt file written by fit")
-    source.add_argument("--pipeline", help="an exported pipeline folder (or hub id)")
-    source.add_argument(
-        "--real", metavar="SPLIT", help="score real images of this split (train/val/test) instead: a sanity check"
-    )
-    parser.add_argument("--weights", choices=("ema", "raw"), default="ema", help="with --ckpt: EMA or raw weights")
-    parser.add_argument("--out", help="output folder (default: eval/ beside the run or pipeline)")
-    parser.add_argument(
-        "--n-samples", "--n_samples", dest="n_samples", type=int, default=500,
-        help="samples, spread evenly over the classes or prompts (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-size",
-        "--batch_size",
-        dest="batch_size",
-        type=int,
-        default=50,
-        help="images per forward (default: %(default)s)",
-    )
-    parser.add_argument(
-        "--metrics", nargs="+", choices=METRICS, default=list(DEFAULT_METRICS),
-        help="what to measure (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--feature-extractor", "--feature_extractor", dest="feature_extractor", choices=FEATURE_EXTRACTORS,
-        default="auto", help="feature space of FID/KID: inception (local weights), digits (the judge's features) "
-        "or auto, Inception when its weights are on disk and the judge's features otherwise (default: %(default)s)",
-    )  # fmt: skip
-    parser.add_argument("--judge", default=DEFAULT_JUDGE, help="DigitClassifier checkpoint (default: %(default)s)")
-    parser.add_argument("--inception-weights", dest="inception_weights", help="InceptionV3 weights file")
-    parser.add_argument("--lpips-weights", dest="lpips_weights", help="the LPIPS backbone's ImageNet weights file")
-    parser.add_argument(
-        "--allow-random-lpips", dest="allow_random_lpips", action="store_true",
-        help="report LPIPS from a random backbone when no weights are found (not comparable to published values)",
-    )  # fmt: skip
-    parser.add_argument("--clip-model", dest="clip_model", help="local folder of a CLIP model (for --metrics clip)")
-    parser.add_argument(
-        "--clip-prompt", dest="clip_prompt", default="a handwritten digit {name}",
-        help="CLIP's text per class of a class model, {name} the class name (text models use their prompts)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--prompts", metavar="FILE",
-        help="prompts of a text-to-image model: one per line, 'prompt<TAB>class' to give the judge's class; blank "
-        "lines and # comments are ignored (default with --ckpt: the module's validation_prompts). With --real, "
-        "the classes of captions that name no digit",
-    )  # fmt: skip
-    parser.add_argument(
-        "--reference", metavar="DIR",
-        help="real images compared with the samples: a folder of images, or a captions folder (metadata.jsonl); "
-        "default: --reference-split of --data",
-    )  # fmt: skip
-    parser.add_argument(
-        "--reference-size", "--reference_size", dest="reference_size", type=int,
-        help="side --reference images are resized and cropped to (default: the short side of the first one)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--data", help="YAML with a data: section (class_path/init_args) for the real images (default: embedded MNIST)"
-    )
-    parser.add_argument("--reference-split", dest="reference_split", default="train", help="real split compared with")
-    parser.add_argument("--cache-dir", dest="cache_dir", help="cache of real-image features")
-    parser.add_argument("--threshold", type=float, default=0.7, help="judge probability that counts as a digit")
-    parser.add_argument("--k", type=int, default=3, help="neighbour of precision/recall/realism (default: 3)")
-    parser.add_argument("--num-worst", dest="num_worst", type=int, default=16, help="samples in worst.png")
-    parser.add_argument(
-        "--logger", choices=LOGGERS, default="tensorboard", help="where evals/ go (default: %(default)s)"
-    )
-    parser.add_argument("--step", type=int, help="logger step (default: the checkpoint's global step, else 0)")
-    parser.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
-    add_sampling_arguments(parser)
+    add_dataclass_flags(parser, EvaluateArguments, one_of=("ckpt", "pipeline", "real"), one_of_required=True)
+    add_dataclass_flags(parser, EvaluationConfig, skip=NOT_FLAGS)
+    add_dataclass_flags(parser, SamplingOptions)
     return parser
 
 
@@ -150,7 +113,7 @@ def make_loggers(kind: str, out: Path) -> list[Any]:
     return [NeptuneLogger(mode="offline", save_dir=str(out))]
 
 
-def default_out(args: argparse.Namespace) -> Path:
+def default_out(args: Namespace) -> Path:
     if args.out:
         return Path(args.out)
     if args.ckpt:
@@ -191,11 +154,11 @@ def _real_images(datamodule: Any, split: str, n: int, seed: int) -> tuple[torch.
     return images[by_caption], Conditions("prompt", ordered, ordered)
 
 
-def _source(args: argparse.Namespace) -> str:
+def _source(args: Namespace) -> str:
     return f"--ckpt {args.ckpt!r}" if args.ckpt else f"--pipeline {args.pipeline!r}"
 
 
-def _read_prompts(args: argparse.Namespace) -> PromptSet | None:
+def _read_prompts(args: Namespace) -> PromptSet | None:
     if args.prompts is None:
         return None
     try:
@@ -205,7 +168,7 @@ def _read_prompts(args: argparse.Namespace) -> PromptSet | None:
 
 
 def _conditions(
-    args: argparse.Namespace, spec: ConditionSpec, prompts: PromptSet | None, checkpoint: dict[str, Any]
+    args: Namespace, spec: ConditionSpec, prompts: PromptSet | None, checkpoint: dict[str, Any]
 ) -> tuple[Conditions | None, str]:
     """What to generate for the pipeline (``None``: every class) and a description of it.
 
@@ -244,31 +207,12 @@ def main(argv: Sequence[str] | None = None) -> EvaluationResult:
             "folder (metadata.jsonl with file_name and text)."
         )
     try:
-        config = EvaluationConfig(
-            n_samples=args.n_samples,
-            num_inference_steps=args.steps,
-            guidance_scale=args.guidance_scale,
-            scheduler=args.scheduler,
-            seed=args.seed,
-            batch_size=args.batch_size,
+        config = from_args(
+            EvaluationConfig,
+            args,
             metrics=list(dict.fromkeys(args.metrics)),
-            feature_extractor=args.feature_extractor,
-            judge=args.judge,
-            inception_weights=args.inception_weights,
-            lpips_weights=args.lpips_weights,
-            allow_random_lpips=args.allow_random_lpips,
-            clip_model=args.clip_model,
-            clip_prompt=args.clip_prompt,
             prompts=list(prompts.prompts) if prompts is not None and not args.real else None,
             prompt_classes=dict(prompts.classes) if prompts is not None else None,
-            reference=args.reference,
-            reference_size=args.reference_size,
-            reference_split=args.reference_split,
-            cache_dir=args.cache_dir,
-            threshold=args.threshold,
-            k=args.k,
-            num_worst=args.num_worst,
-            progress=args.progress,
         )
         datamodule = load_datamodule(args.data)
         evaluator = Evaluator(config, datamodule)  # loads every network now: fails before any sampling

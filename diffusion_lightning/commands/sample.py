@@ -7,15 +7,23 @@ Class-conditioned pipelines draw ``--n-per-class`` images of each class; text-to
 
 from __future__ import annotations
 
-import argparse
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
 import torch
+from jsonargparse import Namespace
 
-from diffusion_lightning.commands.common import add_sampling_arguments, add_source_arguments, load_pipeline
+from diffusion_lightning.commands.common import (
+    CommandParser,
+    PipelineSource,
+    SamplingOptions,
+    add_dataclass_flags,
+    flag_name,
+    load_pipeline,
+)
 from diffusion_lightning.modules.loading import is_text_pipeline
 from diffusion_lightning.schedulers import scheduler_name
 from diffusion_lightning.utils.device import resolve_device
@@ -28,81 +36,80 @@ DEFAULT_N_PER_PROMPT = 4
 DEFAULT_STRENGTH = 0.75
 #: Grid row labels are prompts cut to this many characters.
 LABEL_CHARS = 40
-#: Options that only text-to-image pipelines accept (argparse dest, flag).
-TEXT_ONLY = (
-    ("prompt", "--prompt"),
-    ("negative_prompt", "--negative-prompt"),
-    ("height", "--height"),
-    ("width", "--width"),
-    ("image", "--image"),
-    ("strength", "--strength"),
-    ("attention_slicing", "--attention-slicing"),
-    ("vae_slicing", "--vae-slicing"),
-    ("vae_tiling", "--vae-tiling"),
-    ("cpu_offload", "--cpu-offload"),
-    ("compile", "--compile"),
-)
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class SampleArguments(PipelineSource):
+    """What ``sample`` draws and where it writes it.
+
+    Args:
+        out: Output folder.
+        classes: Classes to draw, one grid row each (default: all).
+        n_per_class: Images per class (default: 8), or per prompt of a text-to-image pipeline (default: 4;
+            image j of prompt i uses seed SEED + i * N + j).
+        batch_size: Images per forward (default: all at once).
+        scale: Upscaling of the grid image (default: 2 for class grids; for prompt grids enough to make rows
+            ~256 px).
+        images: Write one PNG per image besides the grid.
+    """
+
+    out: str = "outputs/samples"
+    classes: list[int] | None = None
+    n_per_class: int | None = field(
+        default=None, metadata={"flags": ("--n-per-class", "--n-per-prompt", "--n_per_prompt"), "metavar": "N"}
+    )
+    batch_size: int | None = None
+    scale: int | None = None
+    images: bool = True
+
+
+@dataclass
+class TextToImageOptions:
+    """Options that only text-to-image pipelines (Stable Diffusion) accept.
+
+    Args:
+        prompt: Prompts, one grid row each (required with a text-to-image pipeline).
+        negative_prompt: One negative prompt for all prompts, or one per prompt (needs --guidance-scale > 1).
+        height: Image height in pixels (default: the model's image size).
+        width: Image width in pixels (default: the model's image size).
+        image: Image-to-image: start from this image (resized to HxW).
+        strength: Image-to-image: how much of --image to noise away, in (0, 1] (default: 0.75).
+        attention_slicing: Compute attention in slices (less memory, a little slower).
+        vae_slicing: Decode the batch one image at a time (less memory).
+        vae_tiling: Encode/decode large images in tiles (less memory).
+        cpu_offload: Keep each model on the CPU until it runs (model CPU offload; needs a CUDA GPU).
+        compile: torch.compile the UNet (slow start, faster steps).
+    """
+
+    prompt: list[str] | None = field(default=None, metadata={"metavar": "TEXT"})
+    negative_prompt: list[str] | None = field(default=None, metadata={"metavar": "TEXT"})
+    height: int | None = None
+    width: int | None = None
+    image: str | None = field(default=None, metadata={"metavar": "PATH"})
+    strength: float | None = None
+    attention_slicing: bool = False
+    vae_slicing: bool = False
+    vae_tiling: bool = False
+    cpu_offload: bool = False
+    compile: bool = False
+
+
+#: Options that only text-to-image pipelines accept (field, flag).
+TEXT_ONLY = tuple((item.name, flag_name(item.name)) for item in fields(TextToImageOptions))
+
+
+def build_parser() -> CommandParser:
+    """The ``sample`` parser: :class:`SampleArguments`, :class:`SamplingOptions` and :class:`TextToImageOptions`."""
+    parser = CommandParser(
         prog="diffusion-lightning sample",
         description="Generate images from a checkpoint or an exported pipeline. Class-conditioned models: n images "
         "of each class, OUT/samples.png (one labelled row per class), OUT/class=<c>/sample=<i>.png. "
         "Text-to-image models (Stable Diffusion): n images of each --prompt (or variations of an --image), "
         "OUT/samples.png (one labelled row per prompt), OUT/prompt=<i>/sample=<j>.png. Both write OUT/samples.json.",
     )
-    add_source_arguments(parser)
-    parser.add_argument("--out", default="outputs/samples", help="output folder (default: %(default)s)")
-    parser.add_argument("--classes", type=int, nargs="+", help="classes to draw, one grid row each (default: all)")
-    parser.add_argument(
-        "--n-per-class", "--n_per_class", dest="n_per_class", type=int, metavar="N",
-        help=f"images per class (default: {DEFAULT_N_PER_CLASS})",
-    )  # fmt: skip
-    parser.add_argument(
-        "--batch-size", "--batch_size", dest="batch_size", type=int, help="images per forward (default: all at once)"
-    )
-    parser.add_argument(
-        "--scale", type=int, help="upscaling of the grid image (default: 2 for class grids; for prompt grids enough "
-        "to make rows ~256 px)",
-    )  # fmt: skip
-    parser.add_argument("--no-images", action="store_true", help="write only the grid, not the per-image files")
-    add_sampling_arguments(parser)
-
-    text = parser.add_argument_group("text-to-image pipelines (Stable Diffusion)")
-    text.add_argument("--prompt", nargs="+", metavar="TEXT", help="prompts, one grid row each (required)")
-    text.add_argument(
-        "--negative-prompt", "--negative_prompt", dest="negative_prompt", nargs="+", metavar="TEXT",
-        help="one negative prompt for all prompts, or one per prompt (needs --guidance-scale > 1)",
-    )  # fmt: skip
-    text.add_argument(
-        "--n-per-prompt", "--n_per_prompt", dest="n_per_class", type=int, metavar="N",
-        help=f"images per prompt (default: {DEFAULT_N_PER_PROMPT}); image j of prompt i uses seed SEED + i * N + j",
-    )  # fmt: skip
-    text.add_argument("--height", type=int, help="image height in pixels (default: the model's image size)")
-    text.add_argument("--width", type=int, help="image width in pixels (default: the model's image size)")
-    text.add_argument("--image", metavar="PATH", help="image-to-image: start from this image (resized to HxW)")
-    text.add_argument(
-        "--strength", type=float,
-        help=f"image-to-image: how much of --image to noise away, in (0, 1] (default: {DEFAULT_STRENGTH})",
-    )  # fmt: skip
-    text.add_argument(
-        "--attention-slicing", "--attention_slicing", dest="attention_slicing", action="store_true",
-        help="compute attention in slices (less memory, a little slower)",
-    )  # fmt: skip
-    text.add_argument(
-        "--vae-slicing", "--vae_slicing", dest="vae_slicing", action="store_true",
-        help="decode the batch one image at a time (less memory)",
-    )  # fmt: skip
-    text.add_argument(
-        "--vae-tiling", "--vae_tiling", dest="vae_tiling", action="store_true",
-        help="encode/decode large images in tiles (less memory)",
-    )  # fmt: skip
-    text.add_argument(
-        "--cpu-offload", "--cpu_offload", dest="cpu_offload", action="store_true",
-        help="keep each model on the CPU until it runs (model CPU offload; needs a CUDA GPU)",
-    )  # fmt: skip
-    text.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow start, faster steps)")
+    add_dataclass_flags(parser, SampleArguments)
+    add_dataclass_flags(parser, SamplingOptions)
+    add_dataclass_flags(parser, TextToImageOptions, title="text-to-image pipelines (Stable Diffusion)")
     return parser
 
 
@@ -123,12 +130,12 @@ def main(argv: Sequence[str] | None = None) -> Path:
     return sample_classes(args, pipeline, defaults)
 
 
-def sample_classes(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any]) -> Path:
+def sample_classes(args: Namespace, pipeline: Any, defaults: dict[str, Any]) -> Path:
     """A class-conditioned pipeline: one grid row of ``--n-per-class`` images per class."""
     n_per_class = DEFAULT_N_PER_CLASS if args.n_per_class is None else args.n_per_class
     device = resolve_device(args.device)
     pipeline.to(device)
-    steps = args.steps or defaults["steps"]
+    steps = args.num_inference_steps or defaults["steps"]
     guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     generator = torch.Generator(device="cpu").manual_seed(args.seed)
     start = time.perf_counter()
@@ -145,7 +152,7 @@ def sample_classes(args: argparse.Namespace, pipeline: Any, defaults: dict[str, 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     grid.pil_grid.save(out / "samples.png")
-    if not args.no_images:
+    if args.images:
         save_images(grid.images, grid.class_labels, out, prefix="class")
     write_json(
         out / "samples.json",
@@ -169,7 +176,7 @@ def sample_classes(args: argparse.Namespace, pipeline: Any, defaults: dict[str, 
 # ---------------------------------------------------------------------- text-to-image
 
 
-def _check_text_arguments(args: argparse.Namespace) -> None:
+def _check_text_arguments(args: Namespace) -> None:
     """Checks of the text-to-image options that need no model (so they fail before any loading)."""
     if args.strength is not None and not 0.0 < args.strength <= 1.0:
         raise SystemExit(f"error: --strength={args.strength} must be in (0, 1].")
@@ -221,7 +228,7 @@ def _text_variant(pipeline: Any, image_to_image: bool) -> Any:
         ) from error
 
 
-def _prompt_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | None]:
+def _prompt_lists(args: Namespace) -> tuple[list[str], list[str] | None]:
     if not args.prompt:
         source = args.ckpt or args.pipeline
         raise SystemExit(f'error: {source} is a text-to-image pipeline; give --prompt "TEXT" [TEXT ...].')
@@ -237,7 +244,7 @@ def _prompt_lists(args: argparse.Namespace) -> tuple[list[str], list[str] | None
     return prompts, negatives
 
 
-def _image_size(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any]) -> tuple[int, int]:
+def _image_size(args: Namespace, pipeline: Any, defaults: dict[str, Any]) -> tuple[int, int]:
     """``(height, width)``: the flags, else the module's image size, else the UNet's sample size in pixels."""
     scale = int(getattr(pipeline, "vae_scale_factor", 8))
     default = defaults.get("image_size") or int(pipeline.unet.config.sample_size) * scale
@@ -251,7 +258,7 @@ def _image_size(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any
     return height, width
 
 
-def _configure(pipeline: Any, args: argparse.Namespace, device: torch.device) -> None:
+def _configure(pipeline: Any, args: Namespace, device: torch.device) -> None:
     """Memory and speed options, then the device (or model CPU offload)."""
     if args.attention_slicing:
         pipeline.enable_attention_slicing()
@@ -267,7 +274,7 @@ def _configure(pipeline: Any, args: argparse.Namespace, device: torch.device) ->
         pipeline.to(device)
 
 
-def sample_text(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any]) -> Path:
+def sample_text(args: Namespace, pipeline: Any, defaults: dict[str, Any]) -> Path:
     """A text-to-image pipeline: one grid row of ``--n-per-prompt`` images per prompt (or image-to-image)."""
     if args.classes:
         raise SystemExit(f"error: --classes applies to class-conditioned pipelines; {type(pipeline).__name__} "
@@ -276,7 +283,7 @@ def sample_text(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any
     if args.batch_size is not None and args.batch_size < 1:
         raise SystemExit(f"error: --batch-size={args.batch_size} must be >= 1.")
     n = DEFAULT_N_PER_PROMPT if args.n_per_class is None else args.n_per_class
-    steps = args.steps or defaults["steps"]
+    steps = args.num_inference_steps or defaults["steps"]
     guidance = defaults["guidance_scale"] if args.guidance_scale is None else args.guidance_scale
     height, width = _image_size(args, pipeline, defaults)
     strength = None
@@ -320,7 +327,7 @@ def sample_text(args: argparse.Namespace, pipeline: Any, defaults: dict[str, Any
     labels = [prompt if len(prompt) <= LABEL_CHARS else prompt[: LABEL_CHARS - 3] + "..." for prompt in prompts]
     scale = args.scale if args.scale is not None else max(1, 256 // max(height, width))
     label_grid(make_grid(images, nrow=n), labels, scale=scale).save(out / "samples.png")
-    if not args.no_images:
+    if args.images:
         for (i, j), image in zip(jobs, images):
             path = out / f"prompt={i}" / f"sample={j:03d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

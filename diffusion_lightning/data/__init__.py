@@ -1,15 +1,11 @@
 """LightningDataModules, one per dataset."""
 
-from diffusion_lightning.data.base import (
-    DiffusionDataModule,
-    EpochSeededSampler,
-    LabelledImageDataModule,
-    LabelledImages,
-    stratified_split,
-)
-from diffusion_lightning.data.captions import CaptionCollate, ImageCaptionDataModule, ImageCaptions
+from diffusion_lightning.data.base import DiffusionDataModule, LabelledImageDataModule, LabelledImages
+from diffusion_lightning.data.caption_dataset import CaptionCollate, ImageCaptions
+from diffusion_lightning.data.captions import ImageCaptionDataModule
 from diffusion_lightning.data.cifar import CIFAR10DataModule
 from diffusion_lightning.data.mnist import MNISTDataModule
+from diffusion_lightning.data.sampling import EpochSeededSampler, stratified_split
 
 __all__ = [
     "CIFAR10DataModule",

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 
-from diffusion_lightning.data.base import stratified_split
 from diffusion_lightning.data.mnist import _embedded_digits
+from diffusion_lightning.data.sampling import stratified_split
 from diffusion_lightning.utils.seeding import mix_seed
 
 DIGIT_NAMES: tuple[str, ...] = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")

@@ -9,7 +9,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from diffusion_lightning.data.base import LabelledImageDataModule, _check_fraction, stratified_split
+from diffusion_lightning.data.base import LabelledImageDataModule, _check_fraction
+from diffusion_lightning.data.sampling import stratified_split
 from diffusion_lightning.losses import check_choice
 
 SOURCES: tuple[str, ...] = ("embedded", "torchvision", "idx")

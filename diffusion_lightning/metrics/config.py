@@ -3,16 +3,21 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Literal, get_args
 
 from diffusion_lightning.losses import check_choice
 
-__all__ = ["DEFAULT_METRICS", "FEATURE_EXTRACTORS", "METRICS", "EvaluationConfig"]
+__all__ = ["DEFAULT_METRICS", "FEATURE_EXTRACTORS", "METRICS", "EvaluationConfig", "FeatureExtractor", "Metric"]
 
+#: A metric the evaluator knows.
+Metric = Literal["judge", "fid", "kid", "precision_recall", "is", "lpips", "clip"]
+#: A feature space of FID/KID.
+FeatureExtractor = Literal["auto", "digits", "inception"]
 #: Every metric the evaluator knows.
-METRICS = ("judge", "fid", "kid", "precision_recall", "is", "lpips", "clip")
+METRICS: tuple[str, ...] = get_args(Metric)
 #: The ones that need no weights beyond the digit judge.
 DEFAULT_METRICS = ("judge", "fid", "kid", "precision_recall")
-FEATURE_EXTRACTORS = ("auto", "digits", "inception")
+FEATURE_EXTRACTORS: tuple[str, ...] = get_args(FeatureExtractor)
 
 
 @dataclass
@@ -27,7 +32,7 @@ class EvaluationConfig:
         scheduler: Sampling scheduler name (``ddpm``, ``ddim``, ``dpm``, ...); ``None`` keeps the pipeline's.
         seed: Seed of the CPU generator that draws all the noise.
         batch_size: Images per pipeline call and per feature-extractor call.
-        metrics: A subset of :data:`METRICS`.
+        metrics: What to measure: one or more of :data:`METRICS`.
         feature_extractor: Feature space of FID/KID: ``inception`` (InceptionV3 from local weights;
             comparable to published FIDs; an error when the weights are missing), ``digits`` (the
             judge's penultimate layer: a domain FID), or ``auto`` (InceptionV3 when its weights are
@@ -63,8 +68,8 @@ class EvaluationConfig:
     scheduler: str | None = None
     seed: int = 0
     batch_size: int = 50
-    metrics: list[str] = field(default_factory=lambda: list(DEFAULT_METRICS))
-    feature_extractor: str = "auto"
+    metrics: list[Metric] = field(default_factory=lambda: list(DEFAULT_METRICS))
+    feature_extractor: FeatureExtractor = "auto"
     judge: str | None = None
     inception_weights: str | None = None
     lpips_weights: str | None = None
@@ -73,7 +78,7 @@ class EvaluationConfig:
     clip_prompt: str = "a handwritten digit {name}"
     prompts: list[str] | None = None
     prompt_classes: dict[str, int] | None = None
-    reference: str | None = None
+    reference: str | None = field(default=None, metadata={"metavar": "DIR"})
     reference_size: int | None = None
     reference_split: str = "train"
     cache_dir: str | None = None

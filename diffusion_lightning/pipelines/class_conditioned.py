@@ -15,6 +15,7 @@ from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from diffusion_lightning.nets.unet import num_classes_of
+from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.utils.images import label_grid, make_grid
 
 OUTPUT_TYPES = ("pil", "np", "pt")
@@ -84,6 +85,11 @@ class ClassConditionedPipeline(DiffusionPipeline):
     def num_classes(self) -> int:
         """Number of real classes (the null class excluded)."""
         return num_classes_of(self.unet)
+
+    def condition_spec(self) -> ConditionSpec:
+        """Class labels ``0..num_classes-1`` (with their names): what this pipeline can be asked for."""
+        names = self.config.get("class_names")
+        return ConditionSpec("class", num_classes=self.num_classes, class_names=tuple(names) if names else None)
 
     def class_label_tensor(
         self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None

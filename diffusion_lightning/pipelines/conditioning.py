@@ -192,10 +192,11 @@ class ConditionSpec:
 
 
 def condition_spec(model: Any) -> ConditionSpec:
-    """The :class:`ConditionSpec` of a module (its ``condition_spec()``) or of a diffusers pipeline.
+    """The :class:`ConditionSpec` of a module or pipeline: its own ``condition_spec()`` when it has one.
 
-    A pipeline with a text encoder or tokenizer is a ``prompt`` model; one with ``num_classes`` (this
-    package's :class:`~diffusion_lightning.pipelines.ClassConditionedPipeline`) a ``class`` model.
+    This package's modules and :class:`~diffusion_lightning.pipelines.ClassConditionedPipeline` declare
+    theirs; a diffusers pipeline with a text encoder or tokenizer (Stable Diffusion and kin) is a
+    ``prompt`` model, and any other object with an integer ``num_classes`` a ``class`` model.
     """
     declared = getattr(model, "condition_spec", None)
     if callable(declared):

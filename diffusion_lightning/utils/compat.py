@@ -25,6 +25,7 @@ __all__ = [
     "clip_score_update",
     "convert_params",
     "flatten_dict",
+    "forget_step_values",
     "inception_features_and_logits",
     "pruning_keys",
     "pruning_trial",
@@ -52,6 +53,20 @@ def should_update_logs(trainer: pl.Trainer) -> bool:
     if trainer.training and trainer.lightning_module.automatic_optimization and loop._should_accumulate():
         return False
     return bool(trainer._logger_connector.should_update_logs or trainer.fast_dev_run)
+
+
+def forget_step_values(trainer: pl.Trainer, names: set[str]) -> None:
+    """Drop the step values logged under ``names`` at an earlier step from the running loop's results.
+
+    Lightning keeps a step value logged in ``on_train_batch_end`` until the epoch ends and sends it
+    to the loggers again at every later logging step where the same name is not logged anew; a
+    metric that has nothing to say at this step (an empty timestep bucket) must be left out, not
+    repeated. Reaches the Trainer's ``_results`` (a ``_ResultCollection``).
+    """
+    results = trainer._results if names else None
+    for result in (results or {}).values():
+        if result.meta.name in names:
+            result.reset()  # marked reset: left out of the logged metrics until logged again
 
 
 def batches_processed_in_epoch(trainer: pl.Trainer) -> int:
