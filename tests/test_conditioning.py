@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from diffusion_lightning import LatentDiffusionModule
-from diffusion_lightning.pipelines import ConditionSpec, Conditions, condition_spec, generate
+from diffusion_lightning.pipelines import Conditions, ConditionSpec, condition_spec, generate
 from tests.conftest import tiny_ddpm
 
 
