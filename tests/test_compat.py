@@ -49,12 +49,13 @@ class _LoggingModel(BoringModel):
 
 
 class _RecordingLogger(Logger):
-    """A logger that records the training batch current when the step metric reaches it."""
+    """A logger that records every ``log_metrics`` call, and the training batch current when the step metric came."""
 
-    def __init__(self, clock: dict[str, int]) -> None:
+    def __init__(self, clock: dict[str, int] | None = None) -> None:
         super().__init__()
-        self.clock = clock
+        self.clock = clock or {"batch": -1}
         self.batches: list[int] = []
+        self.steps: list[tuple[int, dict[str, float]]] = []
 
     @property
     def name(self) -> str:
@@ -68,6 +69,7 @@ class _RecordingLogger(Logger):
         pass
 
     def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+        self.steps.append((int(step or 0), dict(metrics)))
         if "step_metric" in metrics:
             self.batches.append(self.clock["batch"])
 
@@ -185,30 +187,8 @@ class _SometimesLogs(BoringModel):
         self.log("always", float(batch_idx), on_step=True, on_epoch=False)
 
 
-class _MetricsLogger(Logger):
-    """A logger that keeps every ``log_metrics`` call as ``(step, metrics)``."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.steps: list[tuple[int, dict[str, float]]] = []
-
-    @property
-    def name(self) -> str:
-        return "metrics"
-
-    @property
-    def version(self) -> int:
-        return 0
-
-    def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
-        pass
-
-    def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
-        self.steps.append((int(step or 0), dict(metrics)))
-
-
 def test_forget_step_values_keeps_an_old_value_from_being_logged_again(tmp_path):
-    logger = _MetricsLogger()
+    logger = _RecordingLogger()
     trainer = Trainer(default_root_dir=tmp_path, max_steps=3, log_every_n_steps=1, logger=logger, limit_val_batches=0,
                       enable_progress_bar=False, enable_checkpointing=False, enable_model_summary=False)  # fmt: skip
     trainer.fit(_SometimesLogs())

@@ -90,6 +90,7 @@ def test_pipeline_from_a_folder_and_its_errors(checkpoint, tmp_path):
     pipeline, defaults = load_pipeline_source(pipeline=tmp_path / "exported", scheduler="dpm")
     assert isinstance(pipeline, ClassConditionedPipeline) and pipeline.config.class_names == ["a", "b", "c"]
     assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
+    assert defaults.pop("condition_spec").class_names == ("a", "b", "c")  # the exported pipeline's own
     assert defaults == PIPELINE_DEFAULTS
 
     with pytest.raises(ValueError, match="exactly one of ckpt.*or pipeline"):

@@ -77,20 +77,6 @@ class PeriodicEvaluation(SamplingCallback):
         )
         self.config = config
         self.evaluator: Evaluator | None = None
-        self.history: list[dict[str, Any]] = []
-        """One record per evaluation: epoch, step and the ``evals/`` scalars."""
-
-    def epoch_records(self) -> list[dict[str, Any]]:
-        """The per-epoch records, for :class:`~diffusion_lightning.callbacks.RunSummary`."""
-        return [{"epoch": r["epoch"], "step": r["step"], "evals": r["evals"]} for r in self.history]
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(r) for r in self.history]}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(r) for r in state_dict.get("history", [])]
 
     @override
     def check(self, trainer: pl.Trainer, pl_module: DiffusionModule) -> None:
@@ -120,7 +106,7 @@ class PeriodicEvaluation(SamplingCallback):
         values = trainer.strategy.broadcast(values, src=0)
         for name, value in values.items():
             pl_module.log(name, value, on_step=False, on_epoch=True, sync_dist=False)
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, "evals": values})
+        self.record(trainer, evals=values)
         return values
 
     @override

@@ -46,7 +46,7 @@ class GenerationMonitor(SamplingCallback):
     (with ``prompts.txt`` for a text model). Encoding and writing run on a background
     :class:`~diffusion_lightning.utils.async_writer.AsyncWriter` thread, drained when training ends.
 
-    The per-epoch figures (:attr:`history`) travel in checkpoints;
+    The per-pass figures (:attr:`history`: seconds per image, peak memory, latent statistics) travel in checkpoints;
     :class:`~diffusion_lightning.callbacks.RunSummary` draws them in ``summary.png``.
 
     Args:
@@ -102,21 +102,7 @@ class GenerationMonitor(SamplingCallback):
         self.log_generation_steps = log_generation_steps
         self.save_images = save_images
         self.queue_size = queue_size
-        self.history: list[dict[str, Any]] = []
-        """One record per generation pass: epoch, step, seconds per image, peak memory, latent statistics."""
         self._writer: AsyncWriter | None = None
-
-    def epoch_records(self) -> list[dict[str, Any]]:
-        """The per-epoch records, for :class:`~diffusion_lightning.callbacks.RunSummary`."""
-        return self.history
-
-    @override
-    def state_dict(self) -> dict[str, Any]:
-        return {"history": [dict(r) for r in self.history]}
-
-    @override
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self.history = [dict(r) for r in state_dict.get("history", [])]
 
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
@@ -158,7 +144,7 @@ class GenerationMonitor(SamplingCallback):
             stats = torch.stack([final.mean(), final.std(), final.min(), final.max()]).tolist()
             record.update({f"latent_{k}": v for k, v in zip(_LATENT_KEYS, stats)})
             scalars.update({f"latent/{k}": v for k, v in zip(_LATENT_KEYS, stats)})
-        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **record})
+        self.record(trainer, **record)
         pl_module.log_dict(scalars, on_step=False, on_epoch=True, rank_zero_only=True)
         media = {
             "images": images,

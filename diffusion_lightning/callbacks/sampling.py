@@ -111,6 +111,8 @@ class SamplingCallback(Callback):
         self.guidance_scale = guidance_scale
         self.scheduler = scheduler
         self._last_step: int | None = None  # the global step of the last pass: one pass per validation
+        self.history: list[dict[str, Any]] = []
+        """What :meth:`record` kept of each pass (``epoch``, ``step`` and the subclass' figures); in checkpoints."""
 
     # ------------------------------------------------------------------ what and how
 
@@ -165,6 +167,24 @@ class SamplingCallback(Callback):
                 image_size=getattr(pl_module, "image_size", None),
                 **kwargs,
             )
+
+    # ------------------------------------------------------------------ what it keeps
+
+    def record(self, trainer: pl.Trainer, **values: Any) -> None:
+        """Keep ``values`` of this pass in :attr:`history`, with the epoch and global step."""
+        self.history.append({"epoch": trainer.current_epoch, "step": trainer.global_step, **values})
+
+    def epoch_records(self) -> list[dict[str, Any]]:
+        """The per-pass records, which :class:`~diffusion_lightning.callbacks.RunSummary` merges by epoch."""
+        return self.history
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"history": [dict(r) for r in self.history]} if self.history else {}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.history = [dict(r) for r in state_dict.get("history", [])]
 
     # ------------------------------------------------------------------ when
 

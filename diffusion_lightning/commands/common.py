@@ -73,9 +73,9 @@ class CommandParser(ArgumentParser):
         if key is not None:
             action = self._action(key.group(1))
             given = re.findall(r"(?:Got value|Given value): (.*)", message)
-            if action is not None and given:
-                expected = _describe(getattr(action, "_typehint", None))
-                return f"{_option(action)} {given[-1].strip()!r} is not accepted; expected {expected}."
+            accepts = getattr(action, "field_type", None)
+            if accepts is not None and given:
+                return f"{_option(action)} {given[-1].strip()!r} is not accepted; expected {_describe(accepts)}."
         required = re.match(r"the following arguments are required: (.*)", message)
         if required is not None:
             names = [_option(self._action(name) or name) for name in required.group(1).split(", ")]
@@ -99,8 +99,7 @@ def _describe(typehint: Any) -> str:
     if origin is Literal:
         return "one of: " + ", ".join(str(arg) for arg in args)
     if origin in (Union, types.UnionType):
-        inner = [arg for arg in args if arg is not type(None)]
-        return " or ".join(_describe(arg) for arg in inner) + (" (or null)" if len(inner) < len(args) else "")
+        return " or ".join(_describe(arg) for arg in args if arg is not type(None))
     names = {int: "an int", float: "a number", str: "a string", bool: "true or false"}
     return names.get(typehint, str(typehint))
 
@@ -178,35 +177,40 @@ def add_dataclass_flags(
 
 
 def _add_field(container: Any, item: dataclasses.Field, hint: Any, text: str) -> Any:
+    """Add the flag (or positional argument) of one dataclass field; the argparse action."""
     meta, default = item.metadata, _default(item)
     kwargs: dict[str, Any] = {"help": text}
     if meta.get("metavar"):
         kwargs["metavar"] = meta["metavar"]
     if meta.get("positional"):
-        return container.add_argument(item.name, type=hint, **kwargs)
+        action = container.add_argument(item.name, type=hint, **kwargs)
+        action.field_type = hint  # what error messages say it accepts
+        return action
     inner = _optional_inner(hint)
+    name = item.name
     if inner is bool:
         if not isinstance(default, bool):
             raise ValueError(f"{item.name}: a bool field needs a default (its flag flips it).")
         name = ("no_" if default else "") + item.name
         kwargs["action"] = "store_false" if default else "store_true"
         kwargs["help"] = f"{text} On unless this flag is given." if default else text
+    elif typing.get_origin(inner) is list:  # validated element by element
+        kwargs.update(type=typing.get_args(inner)[0], nargs="+")
+        if meta.get("repeat"):
+            kwargs["action"] = "extend"
     else:
-        name = item.name
-        if typing.get_origin(inner) is list:
-            inner = typing.get_args(inner)[0]
-            kwargs["nargs"] = "+"
-            if meta.get("repeat"):
-                kwargs["action"] = "extend"
-        else:
-            inner = hint
-        kwargs["type"] = inner
-    flags = list(dict.fromkeys([*meta.get("flags", ()), flag_name(name), f"--{name}"]))
+        kwargs["type"] = hint
+    element = _optional_inner(kwargs.get("type"))
+    if typing.get_origin(element) is Literal and "metavar" not in kwargs:  # the choices, also when optional
+        kwargs["metavar"] = "{" + ",".join(str(value) for value in typing.get_args(element)) + "}"
     if default is dataclasses.MISSING:
         kwargs["required"] = True
     else:
         kwargs["default"] = default
-    return container.add_argument(*flags, dest=item.name, **kwargs)
+    flags = list(dict.fromkeys([*meta.get("flags", ()), flag_name(name), f"--{name}"]))
+    action = container.add_argument(*flags, dest=item.name, **kwargs)
+    action.field_type = kwargs.get("type")
+    return action
 
 
 def from_args(cls: type[T], args: Namespace, **values: Any) -> T:

@@ -24,7 +24,7 @@ from diffusion_lightning.commands.common import (
     flag_name,
     load_pipeline,
 )
-from diffusion_lightning.modules.loading import is_text_pipeline
+from diffusion_lightning.pipelines.conditioning import condition_spec
 from diffusion_lightning.schedulers import scheduler_name
 from diffusion_lightning.utils.device import resolve_device
 from diffusion_lightning.utils.images import label_grid, make_grid, save_images, to_pil
@@ -119,7 +119,7 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(f"error: --n-per-class/--n-per-prompt={args.n_per_class} must be >= 1.")
     _check_text_arguments(args)
     pipeline, defaults = load_pipeline(args)
-    if is_text_pipeline(pipeline):
+    if (defaults.get("condition_spec") or condition_spec(pipeline)).kind == "prompt":
         return sample_text(args, pipeline, defaults)
     given = [flag for dest, flag in TEXT_ONLY if getattr(args, dest) not in (None, False)]
     if given:

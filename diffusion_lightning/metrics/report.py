@@ -158,6 +158,10 @@ class EvaluationResult:
             rows.append(row)
         return rows
 
+    def per_class(self) -> list[dict[str, Any]]:
+        """:meth:`per_group` under its earlier name (a class model's groups are its classes)."""
+        return self.per_group()
+
     def worst(self) -> torch.Tensor:
         """Indices of the ``num_worst`` lowest-scored samples.
 

@@ -25,6 +25,7 @@ from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
+from diffusion_lightning.pipelines.conditioning import condition_spec
 from diffusion_lightning.schedulers import make_scheduler
 from diffusion_lightning.utils.config import resolve_class
 
@@ -33,7 +34,6 @@ __all__ = [
     "PIPELINE_DEFAULTS",
     "TEXT_PIPELINE_DEFAULTS",
     "WEIGHTS",
-    "is_text_pipeline",
     "load_module",
     "load_pipeline_source",
     "module_class",
@@ -135,15 +135,6 @@ def source_kind(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def is_text_pipeline(pipeline: Any) -> bool:
-    """Whether ``pipeline`` is conditioned on text (Stable Diffusion and kin: it has a text encoder)."""
-    from diffusers import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
-
-    if isinstance(pipeline, (StableDiffusionPipeline, StableDiffusionImg2ImgPipeline)):
-        return True
-    return getattr(pipeline, "text_encoder", None) is not None
-
-
 def _class_name(source: str) -> str | None:
     """The ``_class_name`` in the ``model_index.json`` of a pipeline folder (or hub id), once the folder is checked."""
     path = Path(source)
@@ -231,7 +222,9 @@ def load_pipeline_source(
         return built, defaults
     assert pipeline is not None
     loaded = _load_folder(os.fspath(pipeline), expect)
-    defaults = dict(TEXT_PIPELINE_DEFAULTS if is_text_pipeline(loaded) else PIPELINE_DEFAULTS)
+    spec = condition_spec(loaded)
+    defaults = dict(TEXT_PIPELINE_DEFAULTS if spec.kind == "prompt" else PIPELINE_DEFAULTS)
+    defaults["condition_spec"] = spec
     if scheduler:
         loaded.scheduler = make_scheduler(scheduler, loaded.scheduler.config)
     return loaded, defaults

@@ -35,8 +35,9 @@ import os
 import random
 import time
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Literal, get_args
 
 import optuna
 from optuna.storages import RDBStorage
@@ -51,8 +52,12 @@ __all__ = ["SAMPLERS", "TuneSettings", "fail_orphaned_trials", "make_pruner", "m
 
 log = logging.getLogger(__name__)
 
+#: A sampler ``tune --sampler`` accepts.
+Sampler = Literal["tpe", "random", "cmaes"]
 #: Samplers ``tune --sampler`` accepts.
-SAMPLERS = ("tpe", "random", "cmaes")
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
+#: A pruner ``tune --pruner`` accepts (:data:`~diffusion_lightning.tuning.space.PRUNERS`).
+Pruner = Literal[PRUNERS]  # type: ignore[valid-type]
 _PRUNER_CLASSES: dict[str, type[optuna.pruners.BasePruner]] = {
     "median": optuna.pruners.MedianPruner,
     "hyperband": optuna.pruners.HyperbandPruner,
@@ -65,29 +70,31 @@ ORPHANED = "left RUNNING by a tune process that was interrupted"
 class TuneSettings:
     """Everything ``diffusion-lightning tune`` is given."""
 
-    configs: list[str]
-    """Base ``--config`` files, in order (like ``fit``)."""
-    search: str
-    """The search file."""
+    configs: list[str] = field(metadata={"flags": ("--config", "-c"), "metavar": "YAML", "repeat": True})
+    """Base fit config(s), in order; repeat the flag (or list several) to layer them, as with fit."""
+    search: str = field(metadata={"metavar": "YAML"})
+    """The search file (see below)."""
     n_trials: int
-    """Target number of finished trials (complete + pruned + failed) of the study."""
+    """The number of finished trials (complete, pruned or failed) the study should hold; re-running counts those
+    already there."""
     study_name: str | None = None
-    """Default: the search file's stem."""
+    """Name of the study; default: the search file's name without .yaml."""
     storage: str | None = None
-    """SQLAlchemy URL; default ``sqlite:///<out>/study.db``."""
+    """SQLAlchemy URL of the study database (default: sqlite:///OUT/study.db; one worker per SQLite file, a server
+    such as postgresql://user@host/db for many)."""
     out: str | None = None
-    """Output folder; default ``outputs/tune/<study_name>``."""
+    """Output folder; default: outputs/tune/STUDY_NAME."""
     timeout: float | None = None
-    """Stop starting trials after this many seconds."""
-    sampler: str = "tpe"
-    """``tpe``, ``random`` or ``cmaes``."""
-    pruner: str | None = None
-    """``median``, ``hyperband`` or ``none``; default the search file's ``pruner.type``, else median."""
+    """Start no trial after this many seconds."""
+    sampler: Sampler = "tpe"
+    """Optuna sampler."""
+    pruner: Pruner | None = None
+    """Optuna pruner; default: the search file's pruner.type, else median."""
     seed: int | None = None
-    """Seed of the sampler."""
-    heartbeat_interval: int = 60
-    """Seconds between heartbeats of a running trial; stale after twice that."""
-    preflight: bool = True
+    """Seed of the sampler (give each worker its own)."""
+    heartbeat_interval: int = field(default=60, metadata={"flags": ("--heartbeat",), "metavar": "SECONDS"})
+    """Seconds between heartbeats of a running trial; a trial silent for twice this is failed."""
+    preflight: bool = field(default=True, metadata={"flags": ("--skip-preflight", "--skip_preflight")})
     """Run the one-step check that the objective's metric is logged."""
 
     def __post_init__(self) -> None:
