@@ -178,6 +178,14 @@ class SamplingCallback(Callback):
         """The per-pass records, which :class:`~diffusion_lightning.callbacks.RunSummary` merges by epoch."""
         return self.history
 
+    @property
+    @override
+    def state_key(self) -> str:
+        """Unique per schedule and conditions, so several samplers of one class can keep their histories."""
+        return self._generate_state_key(
+            every_n_epochs=self.every_n_epochs, classes=self.classes, prompts=self.prompts, seed=self.seed
+        )
+
     @override
     def state_dict(self) -> dict[str, Any]:
         return {"history": [dict(r) for r in self.history]} if self.history else {}
