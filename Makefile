@@ -30,7 +30,7 @@ $(JUDGE): | $(STAMP)
 
 demo: $(STAMP) $(JUDGE)
 	$(BIN)/diffusion-lightning fit --config configs/ddpm_mnist.yaml --trainer.default_root_dir $(DEMO_DIR)
-	$(BIN)/diffusion-lightning export --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --out $(DEMO_DIR)/pipeline
+	$(BIN)/diffusion-lightning export --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --out $(DEMO_DIR)/pipeline --overwrite
 	$(BIN)/diffusion-lightning sample --pipeline $(DEMO_DIR)/pipeline --out $(DEMO_DIR) --n-per-class 8 --no-images
 	$(BIN)/diffusion-lightning evaluate --pipeline $(DEMO_DIR)/pipeline --judge $(JUDGE) --n-samples 500
 	@echo "demo outputs: $(DEMO_DIR)/samples.png $(DEMO_DIR)/pipeline/ $(DEMO_DIR)/metrics.json $(DEMO_DIR)/eval/"

@@ -22,6 +22,7 @@ from diffusion_lightning.modules import (
     DigitClassifier,
     KnowledgeDistillationModule,
     LatentDiffusionModule,
+    NonFiniteLossError,
     ProgressiveDistillationModule,
 )
 from diffusion_lightning.modules.loading import load_module
@@ -67,6 +68,7 @@ __all__ = [
     "DiffusionStepOutput",
     "DigitClassifier",
     "MNISTDataModule",
+    "NonFiniteLossError",
     "ProgressiveDistillationModule",
     "UNetConfig",
     "WarmupCosineLR",

@@ -7,7 +7,7 @@ is needed) and returns tensors, so research code can reuse them outside the Ligh
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
@@ -16,8 +16,8 @@ from diffusers.training_utils import compute_snr
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 LossType = Literal["l2", "l1", "huber"]
 
-PREDICTION_TYPES: tuple[str, ...] = ("epsilon", "v_prediction", "sample")
-LOSS_TYPES: tuple[str, ...] = ("l2", "l1", "huber")
+PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
+LOSS_TYPES: tuple[str, ...] = get_args(LossType)
 
 
 def check_choice(field: str, value: object, accepted: tuple[str, ...]) -> None:

@@ -116,7 +116,7 @@ def test_evaluate_bad_choice_is_one_line_with_the_accepted_values(capsys):
         main(["evaluate", "--real", "test", "--feature-extractor", "nope"])
     message = str(error.value)
     assert message == "error: --feature-extractor 'nope' is not accepted; expected one of: auto, digits, inception."
-    assert capsys.readouterr().err == ""  # no usage block: the one line is all
+    assert capsys.readouterr().err == message + "\n"  # no usage block: the one line is all
     message = parse_error(evaluate.build_parser(), ["--real", "test", "--metrics", "judge", "nope"])
     assert message.startswith("error: --metrics 'nope' is not accepted; expected one of: judge, fid, kid")
     message = parse_error(evaluate.build_parser(), ["--real", "test", "--logger", "mlflow"])

@@ -86,6 +86,92 @@ def test_idx_source_reads_plain_and_gzipped_files(tmp_path):
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 30, "val": 10, "test": 20}
 
 
+def idx_digits(n: int, offset: int) -> tuple[np.ndarray, np.ndarray]:
+    """``n`` 28x28 images whose every pixel says which image, row and column it is, and their labels."""
+    k, row, column = np.meshgrid(np.arange(n), np.arange(28), np.arange(28), indexing="ij")
+    images = ((offset + k) * 37 + row * 7 + column * 3) % 256  # row and column steps differ: a transpose shows
+    return images.astype(np.uint8), ((offset + np.arange(n)) * 3 % 10).astype(np.uint8)
+
+
+def test_idx_pixels_and_labels_are_decoded_exactly(tmp_path):
+    root = tmp_path / "mnist"
+    root.mkdir()
+    expected = {"train": idx_digits(12, 0), "test": idx_digits(5, 100)}
+    for prefix, split, compress in (("train", "train", True), ("t10k", "test", False)):
+        images, labels = expected[split]
+        write_idx(root / f"{prefix}-images-idx3-ubyte", images, compress)
+        write_idx(root / f"{prefix}-labels-idx1-ubyte", labels, compress)
+    assert read_idx(root / "train-images-idx3-ubyte.gz")[3, 5, 9] == (3 * 37 + 5 * 7 + 9 * 3) % 256
+    dm = MNISTDataModule(source="idx", root=str(root), val_fraction=0.25)
+    loaded = dm.load()
+    for split, (images, labels) in expected.items():
+        assert loaded[split][0].dtype == torch.uint8 and loaded[split][0].shape == (len(labels), 1, 28, 28)
+        assert torch.equal(loaded[split][0][:, 0], torch.from_numpy(images)), split
+        assert loaded[split][1].tolist() == labels.tolist(), split
+    dm.setup()
+    test = dm.datasets["test"]
+    for i in range(5):  # what the model sees: pixels in [-1, 1], each with its own label
+        item = test[i]
+        torch.testing.assert_close(item["images"][0], torch.from_numpy(expected["test"][0][i]).float() / 127.5 - 1)
+        assert int(item["labels"]) == int(expected["test"][1][i])
+    seen = []
+    for split in ("train", "val"):  # the split moves images and labels together
+        for images, label in zip(dm.datasets[split].images, dm.datasets[split].labels):
+            k = int(np.where((expected["train"][0] == images[0].numpy()).all(axis=(1, 2)))[0][0])
+            assert int(label) == int(expected["train"][1][k])
+            seen.append(k)
+    assert sorted(seen) == list(range(12))
+
+
+def test_idx_reads_wider_big_endian_types_exactly(tmp_path):
+    values = np.array([[0, 1, -2], [70000, -70000, 2**31 - 1]], dtype=">i4")
+    path = tmp_path / "wide-idx2-int"
+    path.write_bytes(bytes([0, 0, 0x0C, 2]) + (2).to_bytes(4, "big") + (3).to_bytes(4, "big") + values.tobytes())
+    assert read_idx(path).tolist() == values.tolist()
+    floats = np.array([0.5, -1.25, 3e7], dtype=">f4")
+    path = tmp_path / "floats-idx1"
+    path.write_bytes(bytes([0, 0, 0x0D, 1]) + (3).to_bytes(4, "big") + floats.tobytes())
+    assert read_idx(path).tolist() == [0.5, -1.25, 3e7]
+
+
+def cifar_row(k: int) -> tuple[list[int], np.ndarray]:
+    """Image ``k`` as a CIFAR-10 file row (1024 red, 1024 green, 1024 blue values, rows first) and as (3, 32, 32)."""
+    image = np.zeros((3, 32, 32), dtype=np.uint8)
+    row = [0] * 3072
+    for channel in range(3):
+        for y in range(32):
+            for x in range(32):
+                value = (k * 41 + channel * 85 + y * 5 + x * 2) % 256
+                image[channel, y, x] = value
+                row[channel * 1024 + y * 32 + x] = value
+    return row, image
+
+
+def test_cifar10_pixels_and_labels_are_decoded_exactly(tmp_path):
+    folder = tmp_path / "cifar-10-batches-py"
+    folder.mkdir()
+    files = {"data_batch_1": [0, 1, 2], "data_batch_2": [3, 4], "test_batch": [5, 6]}
+    expected = {}
+    for name, ks in files.items():
+        rows, images = zip(*(cifar_row(k) for k in ks))
+        expected[name] = np.stack(images), [(k * 7) % 10 for k in ks]
+        entry = {"batch_label": name, "data": np.array(rows, dtype=np.uint8), "labels": expected[name][1]}
+        (folder / name).write_bytes(pickle.dumps(entry, protocol=2))
+    dm = CIFAR10DataModule(root=str(tmp_path), val_fraction=0.2)
+    loaded = dm.load()
+    train_images = np.concatenate([expected["data_batch_1"][0], expected["data_batch_2"][0]])
+    assert torch.equal(loaded["train"][0], torch.from_numpy(train_images))
+    assert loaded["train"][1].tolist() == expected["data_batch_1"][1] + expected["data_batch_2"][1]
+    assert torch.equal(loaded["test"][0], torch.from_numpy(expected["test_batch"][0]))
+    assert loaded["test"][1].tolist() == expected["test_batch"][1]
+    assert int(loaded["test"][0][0, 1, 0, 0]) == cifar_row(5)[0][1024]  # green plane starts at entry 1024
+    assert int(loaded["test"][0][0, 0, 1, 0]) == cifar_row(5)[0][32]  # second row starts at entry 32
+    dm.setup()
+    item = dm.datasets["test"][1]
+    torch.testing.assert_close(item["images"], torch.from_numpy(expected["test_batch"][0][1]).float() / 127.5 - 1)
+    assert int(item["labels"]) == expected["test_batch"][1][1]
+
+
 def test_truncated_idx_file_is_reported(tmp_path):
     path = write_idx(tmp_path / "x-idx3-ubyte", np.zeros((4, 28, 28), dtype=np.uint8))
     path.write_bytes(path.read_bytes()[:-10])

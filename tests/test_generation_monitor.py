@@ -1,7 +1,12 @@
 """GenerationMonitor: generation cost, latent statistics, trajectory and media, for class and text models."""
 
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -15,8 +20,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from diffusion_lightning import LatentDiffusionModule
 from diffusion_lightning.callbacks import GenerationMonitor
-from diffusion_lightning.callbacks.run_info import LatentRecorder
-from tests.conftest import Crash, RandomDigits, quiet_trainer, tiny_ddpm
+from diffusion_lightning.callbacks.run_info import LatentRecorder, peak_memory_mb
+from tests.conftest import REPO, Crash, RandomDigits, quiet_trainer, tiny_ddpm
 from tests.test_latent import loader as captioned
 
 WRITER = "generation-monitor-writer"
@@ -114,6 +119,49 @@ class Around(Callback):
         self.rng = torch.get_rng_state()
 
 
+def _proc_status_mb(field: str) -> float:
+    """A ``kB`` field of ``/proc/self/status`` (Linux), in MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(f"{field}:"):
+            return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+PEAK_MEMORY_SCRIPT = """
+import json, torch
+from pathlib import Path
+from diffusion_lightning.callbacks.run_info import peak_memory_mb
+
+def _proc_status_mb(field):
+    line = next(row for row in Path("/proc/self/status").read_text().splitlines() if row.startswith(field + ":"))
+    return int(line.split()[1]) / 1024
+
+cpu = torch.device("cpu")
+before, resident_before = peak_memory_mb(cpu), _proc_status_mb("VmRSS")
+# MiB: 256 above the peak so far (getrusage's, which can include the parent's size at fork, or the kernel's)
+size = int(max(before, _proc_status_mb("VmHWM")) - resident_before) + 256
+block = torch.ones(size * 2**20 // 4)  # written, so resident
+during = peak_memory_mb(cpu)
+del block
+after, high_water, resident = peak_memory_mb(cpu), _proc_status_mb("VmHWM"), _proc_status_mb("VmRSS")
+print("PEAKS", json.dumps([before, resident_before, size, during, after, high_water, resident]))
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="reads /proc/self/status, Linux's record of the peak RSS")
+def test_peak_memory_on_the_cpu_is_the_process_peak_in_mib():
+    """In a fresh process: allocating 256 MiB above the peak raises it by that much; freeing it does not lower it."""
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY_SCRIPT], cwd=REPO, capture_output=True, text=True,
+                          timeout=120, env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    line = next((row for row in proc.stdout.splitlines() if row.startswith("PEAKS ")), None)
+    assert line is not None, proc.stdout[-3000:] + proc.stderr[-3000:]
+    before, resident_before, size, during, after, high_water, resident = json.loads(line[len("PEAKS ") :])
+    assert 0 <= during - (resident_before + size) <= 40, (before, resident_before, size, during)  # MiB, not KiB
+    assert during - before > 200  # the peak rose
+    assert after == during and resident < during - 200  # a peak: freed memory does not lower it
+    assert abs(after - high_water) < 2  # what the kernel reports as the process's peak (VmHWM)
+
+
 @pytest.mark.parametrize("kind, rank", [("ddpm", 0), ("ddpm", 1), ("latent", 0)])
 def test_generation_pass_restores_modes_and_rng_and_matches_the_pipeline(tmp_path, monkeypatch, kind, rank):
     if rank:
@@ -121,6 +169,7 @@ def test_generation_pass_restores_modes_and_rng_and_matches_the_pipeline(tmp_pat
     monitor = GenerationMonitor(num_samples=3, seed=7)
     before = Around()
     after = Around(before)
+    rss_before_mb = _proc_status_mb("VmRSS") if sys.platform == "linux" else None
     module, _ = fit(tmp_path, kind, [before, monitor, after])
     assert after.modes == before.modes and True in before.modes and False in before.modes
     assert torch.equal(after.rng, before.rng)
@@ -133,7 +182,9 @@ def test_generation_pass_restores_modes_and_rng_and_matches_the_pipeline(tmp_pat
     (record,) = monitor.history
     assert (record["epoch"], record["step"]) == (0, 1)
     assert record["num_inference_steps"] == 2 and record["guidance_scale"] == module.guidance_scale == 2.0
-    assert record["seconds_per_image"] > 0 and record["peak_memory_mb"] > 0
+    assert record["seconds_per_image"] > 0
+    if sys.platform == "linux":  # the process's peak RSS: at least what it held before, at most its peak now
+        assert rss_before_mb <= record["peak_memory_mb"] <= peak_memory_mb(torch.device("cpu"))
     # the final latents: the samples before clamping (pixels), the 4-channel VAE latents before decoding (text)
     assert latents.shape == ((3, 1, 8, 8) if kind == "ddpm" else (3, 4, 8, 8))
     for key, value in [

@@ -238,6 +238,55 @@ def test_gradient_checkpointing_and_bf16_mixed_precision_train(tmp_path):
     trainer.fit(module, loader())
     assert module.unet.conv_in.weight.dtype == torch.float32  # weights stay fp32, compute is autocast
     assert not torch.equal(module.unet.conv_in.weight, before)
+
+
+def attention_processor_types(module: LatentDiffusionModule) -> set[str]:
+    return {type(processor).__name__ for processor in module.unet.attn_processors.values()}
+
+
+def test_attention_option_sets_the_unet_processors():
+    assert attention_processor_types(LatentDiffusionModule()) == {"AttnProcessor2_0"}
+    assert attention_processor_types(LatentDiffusionModule(attention="default")) == {"AttnProcessor"}
     if importlib.util.find_spec("xformers") is None:
-        with pytest.raises(ValueError, match="needs the xformers package"):
+        with pytest.raises(ValueError, match=r"attention='xformers' needs the xformers package; use 'sdpa' instead"):
             LatentDiffusionModule(attention="xformers")
+    elif not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="only available for GPU"):  # diffusers: xformers attention needs CUDA
+            LatentDiffusionModule(attention="xformers")
+    else:
+        assert attention_processor_types(LatentDiffusionModule(attention="xformers")) == {"XFormersAttnProcessor"}
+
+
+def test_compile_option_runs_training_through_torch_compile(tmp_path, monkeypatch):
+    """``compile=True`` compiles the UNet in place when fitting starts, and every training forward is compiled.
+
+    The compilation is real (TorchDynamo traces the UNet); only its backend is a recording one that
+    runs the captured graphs as they are, since inductor's code generation takes a minute on a CPU.
+    """
+    graphs, runs = [], []
+
+    def recording_backend(graph: torch.fx.GraphModule, example_inputs: list) -> object:
+        graphs.append(graph)
+
+        def run(*args):
+            runs.append(len(graphs))
+            return graph.forward(*args)
+
+        return run
+
+    module = LatentDiffusionModule(compile=True, learning_rate=1e-3, num_inference_steps=2)
+    compile_in_place = module.unet.compile
+
+    def compile_with_recording_backend(*args, **kwargs):
+        compile_in_place(*args, **{**kwargs, "backend": recording_backend})
+
+    monkeypatch.setattr(module.unet, "compile", compile_with_recording_backend)
+    before = module.unet.conv_in.weight.detach().clone()
+    trainer = quiet_trainer(tmp_path, max_steps=2, limit_val_batches=0)
+    trainer.fit(module, loader())
+    assert graphs and any(node.op in ("call_module", "call_function") for node in graphs[0].graph.nodes)
+    assert runs.count(1) == 2, runs  # both training steps ran the UNet's first compiled graph
+    assert not torch.equal(module.unet.conv_in.weight, before)  # and it trained
+    assert torch.isfinite(trainer.callback_metrics["train/loss"])
+    assert type(module.unet).__name__ == "UNet2DConditionModel"  # compiled in place, not wrapped
+    assert not any("_orig_mod" in key for key in module.state_dict())  # checkpoints keep the plain names

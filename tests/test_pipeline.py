@@ -154,3 +154,99 @@ def test_bad_input_names_the_argument(tiny_pipeline, kwargs, match):
 def test_unknown_scheduler_name(tiny_pipeline):
     with pytest.raises(ValueError, match=r"scheduler='heun2' is not supported; expected one of \['ddpm'"):
         make_scheduler("heun2", tiny_pipeline.scheduler.config)
+
+
+def _gens(*seeds):
+    return [torch.Generator().manual_seed(s) for s in seeds]
+
+
+@pytest.mark.parametrize(("name", "kwargs"), [("ddpm", {}), ("ddim", {"eta": 1.0}), ("euler_a", {})])
+def test_generator_list_drives_the_step_noise_of_stochastic_schedulers(tiny_pipeline, name, kwargs):
+    """Each image draws its initial and step noise from its own generator: reproducible, batch-independent."""
+    pipe = tiny_pipeline
+    pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    common = dict(num_inference_steps=4, output_type="pt", **kwargs)
+    torch.manual_seed(0)
+    a = pipe([0, 1, 2], generator=_gens(1, 2, 3), **common).images
+    torch.manual_seed(1)  # the global RNG must play no part
+    b = pipe([0, 1, 2], generator=_gens(1, 2, 3), **common).images
+    torch.testing.assert_close(a, b, atol=0, rtol=0)
+    alone = pipe([1], generator=_gens(2), **common).images
+    mixed = pipe([2, 1], generator=_gens(9, 2), **common).images
+    torch.testing.assert_close(alone[0], a[1])  # up to the rounding of batched math
+    torch.testing.assert_close(mixed[1], a[1])
+    initial = torch.cat([torch.randn(1, 1, 8, 8, generator=g) for g in _gens(1, 2, 3)])
+    same_start = pipe([0, 1, 2], generator=_gens(4, 5, 6), latents=initial, **common).images
+    assert (same_start - a).abs().amax(dim=(1, 2, 3)).min() > 1e-3  # other step noise, other images
+
+
+def test_generate_grid_with_a_generator_per_image_is_independent_of_batch_size(tiny_pipeline):
+    pipe = tiny_pipeline
+    pipe.scheduler = make_scheduler("ddpm", pipe.scheduler.config)
+    whole = pipe.generate_grid(num_per_class=2, num_inference_steps=3, generator=_gens(*range(6))).images
+    chunks = pipe.generate_grid(num_per_class=2, num_inference_steps=3, generator=_gens(*range(6)), batch_size=4)
+    torch.testing.assert_close(chunks.images, whole)
+    with pytest.raises(ValueError, match=r"generator is a list of 5 generators for 6 images"):
+        pipe.generate_grid(num_per_class=2, num_inference_steps=3, generator=_gens(*range(5)))
+
+
+@pytest.mark.parametrize("count", [2, 4])
+def test_generator_list_needs_one_generator_per_image(tiny_pipeline, count):
+    with pytest.raises(ValueError, match=rf"generator is a list of {count} generators for 3 images"):
+        tiny_pipeline([0, 1, 2], num_inference_steps=2, output_type="pt", generator=_gens(*range(count)))
+
+
+@pytest.mark.parametrize(
+    ("labels", "match"),
+    [
+        (torch.tensor([3.7]), r"class_labels is a tensor of dtype torch.float32 \(\[3.7"),
+        (torch.tensor([-0.5, 1.0]), r"class_labels is a tensor of dtype torch.float32 \(\[-0.5, 1.0\]\)"),
+        (torch.tensor([True, False]), r"class_labels is a tensor of dtype torch.bool \(\[True, False\]\)"),
+        (torch.tensor([[0, 1], [2, 0]]), r"class_labels is a 2-D tensor of shape \(2, 2\); accepted: .*1-D integer"),
+        (torch.tensor(1), r"class_labels is a 0-D tensor of shape \(\); accepted: .*1-D integer tensor"),
+        ([0, 1.0], r"class_labels=\[0, 1.0\] must hold ints only; accepted: an int, a list of ints"),
+        ([True, 0], r"class_labels=\[True, 0\] must hold ints only"),
+        (True, r"class_labels=True is not accepted; give an int, a list of ints or a 1-D integer tensor"),
+        (2.0, r"class_labels=2.0 is not accepted"),
+        (np.array([0, 1]), r"class_labels=array\(\[0, 1\]\) is not accepted"),
+    ],
+)
+def test_class_labels_are_validated_before_any_cast(tiny_pipeline, labels, match):
+    with pytest.raises(ValueError, match=match):
+        tiny_pipeline(labels, num_inference_steps=1, output_type="pt")
+
+
+def test_integer_labels_of_any_integer_type_are_accepted(tiny_pipeline):
+    assert tiny_pipeline.class_label_tensor(torch.tensor([2, 0], dtype=torch.int32)).tolist() == [2, 0]
+    assert tiny_pipeline.class_label_tensor(torch.tensor([1], dtype=torch.uint8)).dtype == torch.long
+    assert tiny_pipeline.class_label_tensor(np.int64(1), batch_size=2).tolist() == [1, 1]
+    assert tiny_pipeline.class_label_tensor((np.int32(0), 2)).tolist() == [0, 2]
+
+
+@pytest.mark.parametrize("scale", [float("nan"), float("inf"), -float("inf"), True])
+def test_guidance_scale_must_be_finite(tiny_pipeline, scale):
+    calls, handle = _record_forwards(tiny_pipeline)
+    with pytest.raises(ValueError, match=rf"guidance_scale={scale!r} must be a finite number >= 0"):
+        tiny_pipeline([0], num_inference_steps=1, guidance_scale=scale, output_type="pt")
+    handle.remove()
+    assert not calls
+
+
+@pytest.mark.parametrize("name", ["ddpm", "ddim", "dpm", "euler", "euler_a", "unipc"])
+def test_more_steps_than_training_timesteps_is_refused_before_sampling(tiny_pipeline, name):
+    tiny_pipeline.scheduler = make_scheduler(name, tiny_pipeline.scheduler.config)
+    calls, handle = _record_forwards(tiny_pipeline)
+    with pytest.raises(ValueError, match=r"num_inference_steps=101 exceeds the scheduler's num_train_timesteps=100"):
+        tiny_pipeline([0], num_inference_steps=101, output_type="pt")
+    handle.remove()
+    assert not calls
+    assert tiny_pipeline([0], num_inference_steps=100, output_type="pt").images.shape == (1, 1, 8, 8)
+
+
+def test_generate_grid_rows_are_validated_like_labels(tiny_pipeline):
+    rows = tiny_pipeline.generate_grid(num_per_class=1, classes=torch.tensor([2, 0]), num_inference_steps=1)
+    assert rows.class_labels.tolist() == [2, 0]
+    with pytest.raises(ValueError, match=r"class_labels=\[1.5\] must hold ints only"):
+        tiny_pipeline.generate_grid(num_per_class=1, classes=[1.5], num_inference_steps=1)
+    with pytest.raises(ValueError, match="class_labels is empty"):
+        tiny_pipeline.generate_grid(num_per_class=1, classes=[], num_inference_steps=1)

@@ -70,6 +70,23 @@ def test_resume_continues_the_same_version_from_the_checkpoint_step(cli_runs):
     assert config["trainer"]["logger"]["init_args"]["version"] == 0 and config["ckpt_path"] == "last"
 
 
+def test_steps_logged_after_the_resumed_checkpoint_show_once(tmp_path):
+    # what a run killed after step 5 leaves: steps 0-5 logged, a checkpoint at step 4; the resume logs 4-7
+    base = ["fit", "--config", SMOKE, "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar",
+            "false", "--trainer.limit_val_batches", "0", "--checkpoint.monitor", "null", "--checkpoint.save_top_k",
+            "-1", "--checkpoint.every_n_train_steps", "4", "--checkpoint.filename", "step{step}"]  # fmt: skip
+    main([*base, "--trainer.max_steps", "6"])
+    version = tmp_path / "lightning_logs" / "version_0"
+    assert scalar_steps(version) == [list(range(6))]
+    main([*base, "--ckpt_path", str(tmp_path / "checkpoints" / "step4.ckpt")])
+    assert scalar_steps(version)[1] == [4, 5, 6, 7]  # 4 and 5 are in both files
+    events = EventAccumulator(str(version))  # the folder, as TensorBoard reads it
+    events.Reload()
+    assert [event.step for event in events.Scalars("train/loss")] == list(range(8))
+    config = yaml.safe_load((version / "config.yaml").read_text())
+    assert config["trainer"]["logger"]["init_args"]["purge_step"] == 4
+
+
 def test_fork_logs_a_new_version_from_the_parent_step_and_names_its_parent(cli_runs):
     root, parent = cli_runs["root"], cli_runs["parent"]
     fork_dir = root / "lightning_logs" / "version_1"
@@ -177,6 +194,9 @@ def test_find_last_checkpoint_is_the_newest_last_file(tmp_path):
         (tmp_path / name).write_text("x")
         os.utime(tmp_path / name, (time.time() - 10 * age, time.time() - 10 * age))
     assert find_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
+    # the temporary of a save killed mid-write is newer, but it is not a checkpoint (as for Lightning's "last")
+    (tmp_path / ".last.ckpt.4242-abc.tmp").write_text("half")
+    assert find_last_checkpoint(tmp_path) == tmp_path / "last-v1.ckpt"
 
 
 def test_plan_resume_reuses_the_recorded_version_and_folder(tmp_path):
@@ -188,7 +208,9 @@ def test_plan_resume_reuses_the_recorded_version_and_folder(tmp_path):
         {"ckpt_path": str(ckpt), "trainer": {"logger": None}, "checkpoint": {"dirpath": None}}, str(tmp_path)
     )
     assert plan.mode == "resume" and plan.checkpoint == ckpt
-    assert plan.overrides["trainer"]["logger"]["init_args"] == {"save_dir": str(tmp_path), "version": 3}
+    # TensorBoard hides what the killed run logged after the checkpoint's step (the resumed run logs it again)
+    expected = {"save_dir": str(tmp_path), "version": 3, "purge_step": 5}
+    assert plan.overrides["trainer"]["logger"]["init_args"] == expected
     assert plan.overrides["checkpoint"]["dirpath"] == str(tmp_path / "runs")
     # another logger class than the one recorded starts a new version
     csv = {"class_path": CSV, "init_args": {"save_dir": str(tmp_path), "version": None}}

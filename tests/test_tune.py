@@ -6,9 +6,12 @@ storage URL, for tests with several workers on one database (e.g. with the ``pos
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -33,6 +36,7 @@ from diffusion_lightning.tuning import (
 from diffusion_lightning.tuning import objective as objective_module
 from diffusion_lightning.tuning.report import FINISHED, PLOTS
 from diffusion_lightning.tuning.study import ORPHANED
+from diffusion_lightning.utils.compat import trial_id
 from tests.conftest import REPO, RandomDigits, quiet_trainer, tiny_ddpm
 
 SMOKE_CONFIG = REPO / "configs" / "smoke" / "ddpm_mnist.yaml"
@@ -172,43 +176,95 @@ def test_pruning_callback_prunes_out_of_fit(tmp_path):
         trainer.fit(tiny_ddpm(), torch.utils.data.DataLoader(data, batch_size=2), torch.utils.data.DataLoader(data))
 
 
-class _DDPTrainer:
-    """What the callback reads of a trainer in a data-parallel run, as one rank sees it."""
+DDP_PRUNING_SCRIPT = """
+import json, os, sys
+from pathlib import Path
 
-    def __init__(self, rank: int, decision_of_rank_zero: list[bool]) -> None:
-        self._accelerator_connector = type("Connector", (), {"is_distributed": True})()
-        self.is_global_zero = rank == 0
-        self.sanity_checking = False
-        self.should_stop = False
-        self.global_step = 0
-        self.callback_metrics: dict[str, torch.Tensor] = {}
-        self.strategy = self
-        self._rank, self._decisions = rank, decision_of_rank_zero
+import optuna
+import torch
+from lightning.pytorch import Callback
 
-    def broadcast(self, value: bool) -> bool:
-        """Rank 0's value reaches every rank, as DDP's broadcast does (rank 0 runs first here)."""
-        if self._rank == 0:
-            self._decisions.append(value)
-        return self._decisions[-1]
+from diffusion_lightning.tuning import GlobalStepPruningCallback
+from tests.conftest import RandomDigits, quiet_trainer, tiny_ddpm
+
+storage, trial_id, out = sys.argv[1], int(sys.argv[2]), Path(sys.argv[3])
+# Both processes run this file (Lightning launches rank 1 with the same command line): both open the same trial.
+study = optuna.load_study(
+    study_name="ddp", storage=storage, pruner=optuna.pruners.ThresholdPruner(upper=-1.0, n_warmup_steps=3)
+)
+trial = optuna.trial.Trial(study, trial_id)
+report_calls = []
+report = trial.report
+trial.report = lambda value, step: (report_calls.append(step), report(value, step))[1]
+pruning = GlobalStepPruningCallback(trial, "val/loss")
 
 
+class Record(Callback):
+    def on_fit_end(self, trainer, pl_module):
+        self.record = dict(rank=trainer.global_rank, world_size=trainer.world_size, pid=os.getpid(),
+                           global_step=trainer.global_step, should_stop=trainer.should_stop,
+                           ddp=pruning.is_ddp_backend, reported=pruning.reported, report_calls=list(report_calls))
+
+
+record = Record()
+trainer = quiet_trainer(out, accelerator="cpu", devices=2, strategy="ddp", max_steps=8, val_check_interval=2,
+                        limit_val_batches=1, callbacks=[pruning, record])
+data = RandomDigits(n=32)
+loader = torch.utils.data.DataLoader
+trainer.fit(tiny_ddpm(), loader(data, batch_size=2), loader(data, batch_size=4))
+try:
+    pruning.check_pruned()
+    record.record["check_pruned"] = None
+except optuna.TrialPruned as error:
+    record.record["check_pruned"] = str(error)
+(out / f"rank{record.record['rank']}.json").write_text(json.dumps(record.record))
+"""
+
+
+@pytest.mark.skipif(
+    not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
+    reason="torch was built without the gloo backend, which CPU DDP needs",
+)
 def test_pruning_callback_under_ddp_reports_on_rank_zero_and_stops_every_rank(tmp_path):
-    study = optuna.create_study(storage=sqlite_url(tmp_path / "s.db"), pruner=optuna.pruners.ThresholdPruner(upper=1.0))
+    """A real 2-process fit (CPU, gloo): rank 0 reports each validation at its global step, the pruner's
+    decision reaches both processes, which stop at the same step, and ``check_pruned`` raises after ``fit``."""
+    storage = sqlite_url(tmp_path / "s.db")
+    study = optuna.create_study(study_name="ddp", storage=storage)
     trial = study.ask()
-    decisions: list[bool] = []
-    ranks = [(GlobalStepPruningCallback(trial, "val/loss"), _DDPTrainer(rank, decisions)) for rank in (0, 1)]
-    for callback, trainer in ranks:
-        callback.on_fit_start(trainer, None)
-        assert callback.is_ddp_backend
-    for step, value in ((2, 0.5), (4, 3.0)):  # the second validation crosses the threshold
-        for callback, trainer in ranks:
-            trainer.global_step, trainer.callback_metrics = step, {"val/loss": torch.tensor(value)}
-            callback.on_validation_end(trainer, None)  # no rank raises inside fit: it would hang the others
-    assert decisions == [False, True]
-    assert all(trainer.should_stop for _, trainer in ranks)
-    assert study.trials[0].intermediate_values == {2: 0.5, 4: 3.0}  # reported once, by rank 0, at global steps
-    with pytest.raises(optuna.TrialPruned):
-        ranks[0][0].check_pruned()  # after fit, the parent's check raises on every rank
+    script = tmp_path / "ddp_pruning.py"
+    script.write_text(DDP_PRUNING_SCRIPT)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**_worker_env(), "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port),
+           "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}  # fmt: skip
+    command = [sys.executable, str(script), storage, str(trial_id(trial)), str(tmp_path)]
+    # A session of its own: on a timeout the launched process and the one it launched are killed together.
+    proc = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)  # fmt: skip
+    try:
+        output, _ = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        output, _ = proc.communicate()
+        pytest.fail(f"the 2-process fit did not finish in 150 s (a rank left waiting?):\n{output[-6000:]}")
+    assert proc.returncode == 0, output[-6000:]
+    ranks = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [r["rank"] for r in ranks] == [0, 1] and ranks[0]["pid"] != ranks[1]["pid"]
+    assert all(r["world_size"] == 2 and r["ddp"] for r in ranks)
+    # Validations at steps 2 and 4; the pruner (warm-up 3 steps) prunes at 4: both processes stop there, of 8.
+    assert all(r["global_step"] == 4 and r["should_stop"] for r in ranks), ranks
+    steps_and_values = [[step for step, _ in r["reported"]] for r in ranks]
+    assert steps_and_values == [[2, 4], [2, 4]]
+    assert ranks[0]["reported"] == ranks[1]["reported"]  # the synced val/loss, the same on every rank
+    assert ranks[0]["report_calls"] == [2, 4] and ranks[1]["report_calls"] == []  # only rank 0 tells the trial
+    assert all(r["check_pruned"] == "Trial was pruned at epoch 4." for r in ranks)  # "epoch" holds the step
+
+    # In the storage: what rank 0 alone reported, at global steps; the parent's check raises after fit.
+    after = GlobalStepPruningCallback(optuna.trial.Trial(study, trial_id(trial)), "val/loss")
+    with pytest.raises(optuna.TrialPruned, match="epoch 4"):
+        after.check_pruned()
+    assert study.trials[0].intermediate_values == {step: value for step, value in ranks[0]["reported"]}
 
 
 # ----------------------------------------------------------------------------- checks before any trial

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import time
 from pathlib import Path
@@ -25,9 +26,15 @@ class RunSummary(Callback):
     The file holds ``status`` (``finished``, ``interrupted`` or ``failed``), ``global_step``,
     ``epochs``, ``wall_time_s``, ``steps_per_s``, every scalar in ``trainer.callback_metrics``
     under ``metrics`` (final train and validation losses among them) and the best and last
-    checkpoint paths, the run's description (``components``: class and total/trainable parameters
-    of each child network; ``noise_scheduler``: its diffusers config; ``cli_config``: the path of
-    the ``config.yaml`` LightningCLI saved) and, under ``diffusion``, the per-epoch records of the
+    checkpoint paths. A run that raised is ``failed`` with the exception under ``error`` (a
+    non-finite loss, for one: see :class:`~diffusion_lightning.modules.nonfinite.NonFiniteLossGuard`);
+    so is a run that ends with a NaN or infinite value of the checkpoint's monitored metric
+    (``val/loss`` without a checkpoint callback). Non-finite metrics are written as ``null`` and
+    named with their value under ``nonfinite_metrics``, so the file stays standard JSON; the
+    module's ``skipped_nonfinite_steps`` is recorded when it has one. The file also holds the
+    run's description (``components``: class and total/trainable parameters of each child
+    network; ``noise_scheduler``: its diffusers config; ``cli_config``: the path of the
+    ``config.yaml`` LightningCLI saved) and, under ``diffusion``, the per-epoch records of the
     callbacks that keep them (:class:`~diffusion_lightning.callbacks.TimestepLossLogger`'s loss per
     timestep bucket, :class:`~diffusion_lightning.callbacks.GenerationMonitor`'s generation cost and
     latent statistics, :class:`~diffusion_lightning.callbacks.PeriodicEvaluation`'s scores), merged
@@ -72,16 +79,15 @@ class RunSummary(Callback):
         if self.log_description:
             log_run_description(trainer, pl_module)
 
-    def summary(self, trainer: pl.Trainer, status: str) -> dict[str, Any]:
-        """The summary as a dictionary (what is written)."""
+    def summary(self, trainer: pl.Trainer, status: str, error: str | None = None) -> dict[str, Any]:
+        """The summary as a dictionary (what is written); ``error`` says why a run failed."""
         elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
         steps = trainer.global_step - self._start_step
-        metrics = {
-            name: float(value)
-            for name, value in trainer.callback_metrics.items()
-            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
-        }
+        metrics = self.scalar_metrics(trainer)
+        nonfinite = {name: str(value) for name, value in metrics.items() if not math.isfinite(value)}
         checkpoint = trainer.checkpoint_callback
+        best_score = getattr(checkpoint, "best_model_score", None)
+        best_score = float(best_score) if best_score is not None else None
         summary = {
             "status": status,
             "global_step": trainer.global_step,
@@ -89,21 +95,42 @@ class RunSummary(Callback):
             "epochs": trainer.current_epoch,
             "wall_time_s": round(elapsed, 2),
             "steps_per_s": round(steps / elapsed, 4) if elapsed > 0 else None,
-            "metrics": metrics,
+            "metrics": {name: None if name in nonfinite else value for name, value in metrics.items()},
             "best_model_path": getattr(checkpoint, "best_model_path", None) or None,
-            "best_model_score": (
-                float(checkpoint.best_model_score)
-                if getattr(checkpoint, "best_model_score", None) is not None
-                else None
-            ),
+            "best_model_score": best_score if best_score is not None and math.isfinite(best_score) else None,
             "last_model_path": getattr(checkpoint, "last_model_path", None) or None,
             "pid": os.getpid(),
             **describe_run(trainer, trainer.lightning_module, log_dir=self._summary_log_dir(trainer)),
         }
+        if error is not None:
+            summary["error"] = error
+        if nonfinite:
+            summary["nonfinite_metrics"] = nonfinite
+        skipped = getattr(trainer.lightning_module, "skipped_nonfinite_steps", None)
+        if isinstance(skipped, int):
+            summary["skipped_nonfinite_steps"] = skipped
         edges, epochs = self.history(trainer)
         if epochs:
             summary["diffusion"] = {"timestep_buckets": [list(edge) for edge in edges], "epochs": epochs}
         return summary
+
+    @staticmethod
+    def scalar_metrics(trainer: pl.Trainer) -> dict[str, float]:
+        """Every scalar of ``trainer.callback_metrics`` as a float (NaN and infinities included)."""
+        return {
+            name: float(value)
+            for name, value in trainer.callback_metrics.items()
+            if isinstance(value, (int, float)) or (isinstance(value, torch.Tensor) and value.numel() == 1)
+        }
+
+    @staticmethod
+    def nonfinite_monitor(trainer: pl.Trainer) -> str | None:
+        """Why a run that ended normally failed: its monitored metric is NaN or infinite (``None``: it did not)."""
+        name = getattr(trainer.checkpoint_callback, "monitor", None) or "val/loss"
+        value = RunSummary.scalar_metrics(trainer).get(name)
+        if value is None or math.isfinite(value):
+            return None
+        return f"the monitored metric {name} is {value} at the end of fitting (global step {trainer.global_step})"
 
     @staticmethod
     def history(trainer: pl.Trainer) -> tuple[list[tuple[int, int]], list[dict[str, Any]]]:
@@ -130,12 +157,16 @@ class RunSummary(Callback):
         return self._log_dir or ""
 
     @rank_zero_only
-    def _write(self, trainer: pl.Trainer, status: str) -> None:
-        write_json(self._target(trainer), self.summary(trainer, status))
+    def _write(self, trainer: pl.Trainer, status: str, error: str | None = None) -> None:
+        write_json(self._target(trainer), self.summary(trainer, status, error))
 
     @override
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._write(trainer, "interrupted" if trainer.interrupted else "finished")
+        diverged = self.nonfinite_monitor(trainer)
+        if trainer.interrupted:
+            self._write(trainer, "interrupted")
+        else:
+            self._write(trainer, "failed" if diverged else "finished", diverged)
         if self.summary_figure and trainer.is_global_zero:
             self._draw(trainer)
 
@@ -151,4 +182,7 @@ class RunSummary(Callback):
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self._write(trainer, "interrupted" if isinstance(exception, KeyboardInterrupt) else "failed")
+        if isinstance(exception, KeyboardInterrupt):
+            self._write(trainer, "interrupted")
+        else:
+            self._write(trainer, "failed", f"{type(exception).__name__}: {exception}")

@@ -5,7 +5,7 @@ flag whose type, default and help come from the dataclass (its annotations, defa
 docstrings), and :func:`from_args` builds the dataclass back from the parsed values. The parser is
 jsonargparse's, so values are validated against the field types (a ``Literal`` field accepts its
 listed values only), and :class:`CommandParser` turns every mistake into one ``error: ...`` line
-naming the flag, the value and what is accepted.
+naming the flag, the value and what is accepted (see :mod:`diffusion_lightning.errors`).
 
 Flag rules, the same for every command:
 
@@ -36,6 +36,7 @@ import docstring_parser
 from diffusers import DiffusionPipeline
 from jsonargparse import ArgumentParser, Namespace
 
+from diffusion_lightning.errors import OneLineErrors
 from diffusion_lightning.modules.loading import WEIGHTS, load_pipeline_source
 from diffusion_lightning.schedulers import SCHEDULERS
 
@@ -57,18 +58,17 @@ SchedulerName = Literal[tuple(sorted(SCHEDULERS))]  # type: ignore[valid-type]
 WeightsName = Literal[WEIGHTS]  # type: ignore[valid-type]
 
 
-class CommandParser(ArgumentParser):
+class CommandParser(OneLineErrors, ArgumentParser):
     """jsonargparse's parser, whose mistakes end the command with one ``error: ...`` line.
 
     The line names the flag, the value given and what the flag accepts (a ``Literal`` field's
-    values, or the type), instead of a usage block and a multi-line type report.
+    values, or the type), instead of a usage block and a multi-line type report; an unknown flag
+    close to a known one adds a ``hint: did you mean ...?`` line (see
+    :class:`~diffusion_lightning.errors.OneLineErrors`).
     """
 
-    def error(self, message: str, ex: Exception | None = None) -> typing.NoReturn:
-        """Raise ``SystemExit`` with the one-line form of ``message``."""
-        raise SystemExit(f"error: {self._one_line(message)}")
-
-    def _one_line(self, message: str) -> str:
+    def one_line_error(self, message: str) -> str:
+        """``message`` as one line, naming a flag by its option string and what its field accepts."""
         key = re.match(r'Parser key "([^"]+)"(?: element \d+)?:', message)
         if key is not None:
             action = self._action(key.group(1))
@@ -79,8 +79,8 @@ class CommandParser(ArgumentParser):
         required = re.match(r"the following arguments are required: (.*)", message)
         if required is not None:
             names = [_option(self._action(name) or name) for name in required.group(1).split(", ")]
-            message = f"the following arguments are required: {', '.join(names)}"
-        return " ".join(message.split())
+            return f"the following arguments are required: {', '.join(names)}"
+        return super().one_line_error(message)
 
     def _action(self, dest: str) -> Any:
         return next((action for action in self._actions if action.dest == dest), None)

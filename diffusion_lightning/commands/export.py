@@ -1,13 +1,32 @@
-"""``diffusion-lightning export``: a checkpoint to a diffusers pipeline folder."""
+"""``diffusion-lightning export``: a checkpoint to a diffusers pipeline folder.
+
+What ``--out`` may be, checked before the checkpoint is read:
+
+- a path that does not exist yet (its parent folders are created), or an empty folder;
+- an existing pipeline folder (``model_index.json``, or a LoRA export's
+  ``pytorch_lora_weights.safetensors``) with ``--overwrite``: it is replaced as a whole, in one
+  step, so it holds the previous pipeline or the new one at every moment.
+
+Anything else is refused with an ``error:`` line and left untouched: a file (the checkpoint itself,
+say), a folder that holds something other than a pipeline (a run folder with checkpoints), a path
+under a file, a pipeline without ``--overwrite``, or a folder that holds the checkpoint exported.
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 from collections.abc import Sequence
 from pathlib import Path
 
 from diffusion_lightning.modules.loading import WEIGHTS, load_module
 from diffusion_lightning.schedulers import SCHEDULERS
+from diffusion_lightning.utils.io import recover_directory
+
+#: Files at the top of a folder that make it a pipeline ``export`` may replace (with ``--overwrite``).
+PIPELINE_MARKERS: tuple[str, ...] = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+_ACCEPTED = "accepted: a new path, an empty folder, or an existing pipeline folder with --overwrite"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -15,11 +34,20 @@ def build_parser() -> argparse.ArgumentParser:
         prog="diffusion-lightning export",
         description="Write the model of a checkpoint as a diffusers pipeline folder that loads with "
         "from_pretrained. The folder appears only once complete.",
+        epilog="--out is a new path or an empty folder. An existing pipeline folder (with model_index.json or "
+        "pytorch_lora_weights.safetensors) is replaced only with --overwrite, in one step: it holds the old "
+        "pipeline or the new one at every moment, also when export is killed. A file, a folder holding anything "
+        "else (e.g. a run folder with checkpoints) or a path under a file is never replaced: export stops with an "
+        "error and leaves it as it is.",
     )
     parser.add_argument(
         "--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", required=True, help="a .ckpt file written by fit"
     )
-    parser.add_argument("--out", required=True, help="pipeline folder to write (replaced if it exists)")
+    parser.add_argument("--out", required=True, help="pipeline folder to write (see below for an existing one)")
+    parser.add_argument(
+        "--overwrite", action="store_true",
+        help="replace --out when it is an existing pipeline folder (never anything else)",
+    )  # fmt: skip
     parser.add_argument(
         "--scheduler",
         choices=sorted(SCHEDULERS),
@@ -36,18 +64,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def is_pipeline_folder(path: str | os.PathLike[str]) -> bool:
+    """Whether ``path`` is a folder with one of :data:`PIPELINE_MARKERS` at its top."""
+    folder = Path(path)
+    return folder.is_dir() and any((folder / marker).is_file() for marker in PIPELINE_MARKERS)
+
+
+def check_out(out: str, ckpt: str, overwrite: bool) -> None:
+    """Refuse an ``--out`` that export must not write (see the module documentation).
+
+    An export killed between moving a previous pipeline aside and moving the new one in (on
+    systems without an atomic exchange of folders) is repaired first, so the check sees it.
+
+    Raises:
+        SystemExit: With one ``error:`` line naming the path and the reason.
+    """
+    path = Path(out)
+    ancestor = next((p for p in path.absolute().parents if os.path.lexists(p)), None)
+    if ancestor is not None and not ancestor.is_dir():
+        raise SystemExit(f"error: --out {out!r}: {str(ancestor)!r} is a file, not a folder; {_ACCEPTED}.")
+    recover_directory(path)
+    if not os.path.lexists(path):
+        return
+    if not path.is_dir():
+        raise SystemExit(
+            f"error: --out {out!r} is a file, not a pipeline folder; export never replaces a file; {_ACCEPTED}."
+        )
+    with os.scandir(path) as entries:
+        empty = next(entries, None) is None
+    if empty:
+        return
+    if not is_pipeline_folder(path):
+        markers = " or ".join(PIPELINE_MARKERS)
+        raise SystemExit(
+            f"error: --out {out!r} is a folder that is not a pipeline (no {markers}); export never replaces it, "
+            f"even with --overwrite; {_ACCEPTED}."
+        )
+    if Path(ckpt).resolve().is_relative_to(path.resolve()):
+        raise SystemExit(f"error: --out {out!r} holds the checkpoint exported ({ckpt!r}); choose another --out.")
+    if not overwrite:
+        raise SystemExit(f"error: --out {out!r} already holds a pipeline; add --overwrite to replace it.")
+
+
 def main(argv: Sequence[str] | None = None) -> Path:
     """Entry point of ``diffusion-lightning export``; the pipeline folder written."""
     args = build_parser().parse_args(argv)
+    check_out(args.out, args.ckpt, args.overwrite)
     try:
         module = load_module(args.ckpt, weights=args.weights)
     except (ValueError, FileNotFoundError) as error:
         raise SystemExit(f"error: {error}") from error
-    if args.merge_lora:
-        if getattr(module, "training_mode", None) != "lora":
-            raise SystemExit(f"error: --merge-lora applies to LoRA runs; {args.ckpt} was not trained with LoRA.")
-        path = module.export_pipeline(args.out, scheduler=args.scheduler, merge_lora=True)
-    else:
-        path = module.export_pipeline(args.out, scheduler=args.scheduler)
+    if args.merge_lora and getattr(module, "training_mode", None) != "lora":
+        raise SystemExit(f"error: --merge-lora applies to LoRA runs; {args.ckpt} was not trained with LoRA.")
+    try:
+        if args.merge_lora:
+            path = module.export_pipeline(args.out, scheduler=args.scheduler, merge_lora=True)
+        else:
+            path = module.export_pipeline(args.out, scheduler=args.scheduler)
+    except NotADirectoryError as error:  # --out changed since it was checked
+        raise SystemExit(f"error: --out {args.out!r}: {error}") from error
     print(f"exported {type(module).__name__} from {args.ckpt} to {path}")
     return path

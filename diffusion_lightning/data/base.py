@@ -83,6 +83,37 @@ class _Columns(Dataset):
         return {name: column[index] for name, column in self.columns.items()}
 
 
+class ResumableLoader(DataLoader):
+    """The training loader of a :class:`DiffusionDataModule`: its state is the data module's place in the epoch.
+
+    Lightning keeps the ``state_dict`` of a training loader that has one in every checkpoint and,
+    when it resumes from a checkpoint written mid-epoch, hands it to the ``load_state_dict`` of the
+    new run's loader; a loader without them is what it warns about as "not resumable". This one's
+    state is :meth:`DiffusionDataModule.state_dict` (the epoch and how much of it was consumed), and
+    loading it makes the loader's :class:`EpochSeededSampler` skip what was consumed, as the data
+    module does with the same state from its own checkpoint entry (both apply the same skip once).
+
+    Args:
+        *args: What ``DataLoader`` takes.
+        datamodule: The data module whose place in the epoch is the state.
+        **kwargs: What ``DataLoader`` takes.
+    """
+
+    def __init__(self, *args: Any, datamodule: DiffusionDataModule, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.datamodule = datamodule
+
+    def state_dict(self) -> dict[str, Any]:
+        """The data module's :meth:`~DiffusionDataModule.state_dict`."""
+        return self.datamodule.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Skip, in the sampler, what the run that wrote ``state_dict`` had consumed of its epoch."""
+        self.datamodule.load_state_dict(state_dict)
+        if isinstance(self.sampler, EpochSeededSampler):
+            self.datamodule.apply_resume(self.sampler)
+
+
 class DiffusionDataModule(LightningDataModule):
     """Loaders, seeded shuffling and mid-epoch resume, shared by every data module of the package.
 
@@ -94,7 +125,8 @@ class DiffusionDataModule(LightningDataModule):
     The training order depends only on ``(seed, epoch)`` and is sharded over the data-parallel
     processes (:class:`EpochSeededSampler`). ``state_dict`` records how much of the current epoch
     all processes together consumed, and a run resumed from it skips exactly that, so it sees the
-    batches the uninterrupted run would have seen.
+    batches the uninterrupted run would have seen. The training loader (a :class:`ResumableLoader`)
+    carries the same state, which is how Lightning knows it resumes mid-epoch.
 
     Args:
         batch_size: Training batch size.
@@ -160,8 +192,10 @@ class DiffusionDataModule(LightningDataModule):
         if not self.datasets:
             self.datasets = self.build_datasets()
 
-    def _loader(self, dataset: Dataset, batch_size: int, **kwargs: Any) -> DataLoader:
-        return DataLoader(
+    def _loader(
+        self, dataset: Dataset, batch_size: int, loader: type[DataLoader] = DataLoader, **kwargs: Any
+    ) -> DataLoader:
+        return loader(
             dataset,
             batch_size=batch_size,
             collate_fn=self.collate(dataset),
@@ -177,7 +211,14 @@ class DiffusionDataModule(LightningDataModule):
         num_replicas, rank = data_parallel_shard(self.trainer)
         self._sampler = self.train_sampler(len(self.datasets["train"]), num_replicas, rank)
         self.apply_resume(self._sampler)
-        return self._loader(self.datasets["train"], self.batch_size, sampler=self._sampler, drop_last=self.drop_last)
+        return self._loader(
+            self.datasets["train"],
+            self.batch_size,
+            ResumableLoader,
+            datamodule=self,
+            sampler=self._sampler,
+            drop_last=self.drop_last,
+        )
 
     @override
     def val_dataloader(self) -> DataLoader:

@@ -5,9 +5,14 @@ same run. Lightning restores the weights, the optimizer and LR-scheduler state, 
 and the callback states (``DiffusionModule`` adds the RNG streams); on top of that the logger keeps
 the version it had when the checkpoint was written, so TensorBoard and CSV curves continue in the
 same ``lightning_logs/version_N`` folder from the checkpoint's step instead of starting a new
-version at step 0 (a W&B run id or a Neptune custom run id is reused the same way). ``last`` is the
-newest ``last*.ckpt`` in the checkpoint folder (``<default_root_dir>/checkpoints``); a resumed
-run keeps writing checkpoints into the folder of the checkpoint it resumed.
+version at step 0 (a W&B run id or a Neptune custom run id is reused the same way). A run killed
+some steps after its last checkpoint had logged those steps already, and the resumed run logs them
+again; a TensorBoard logger is therefore given ``purge_step`` = the checkpoint's global step (the
+first step the resumed run logs; Lightning passes it to the ``SummaryWriter``), which writes a
+``SessionLog.START`` event that makes TensorBoard drop the earlier events of that version from that
+step on, so each step shows once. ``last`` is the newest ``last*.ckpt`` in the checkpoint folder
+(``<default_root_dir>/checkpoints``); a resumed run keeps writing checkpoints into the folder of
+the checkpoint it resumed.
 
 *Fork* (``--fork_from PATH``) starts a new run from a checkpoint, usually with some changed
 hyperparameters on the command line. It logs to a new version (the next free ``version_N`` of
@@ -90,11 +95,15 @@ def logger_class(class_path: str) -> type[Logger]:
 
 
 def find_last_checkpoint(dirpath: str | os.PathLike[str]) -> Path | None:
-    """What Lightning loads for ``ckpt_path="last"``: the newest file named ``last*`` in ``dirpath``."""
+    """What Lightning loads for ``ckpt_path="last"``: the newest ``last*.ckpt`` in ``dirpath``.
+
+    The same rule as ``ModelCheckpoint._find_last_checkpoints``: a temporary file of an interrupted
+    save (``.last.ckpt.<pid>-*.tmp``) is not a candidate.
+    """
     folder = Path(dirpath)
     if not folder.is_dir():
         return None
-    candidates = [p for p in folder.iterdir() if p.is_file() and "last" in p.name]
+    candidates = [p for p in folder.iterdir() if p.is_file() and p.suffix == ".ckpt" and p.name.startswith("last")]
     return max(candidates, key=lambda p: p.stat().st_mtime) if candidates else None
 
 
@@ -285,7 +294,8 @@ def _accepts_version(cls: type) -> bool:
     return "version" in inspect.signature(cls).parameters
 
 
-def _resume_versions(entries: list[dict[str, Any]], recorded: list[dict[str, Any]]) -> bool:
+def _resume_versions(entries: list[dict[str, Any]], recorded: list[dict[str, Any]], step: int) -> bool:
+    """Point the loggers at the versions that wrote the checkpoint; TensorBoard's purge what follows ``step``."""
     changed = False
     for entry, record in zip(entries, recorded):
         cls = logger_class(entry["class_path"])
@@ -294,6 +304,11 @@ def _resume_versions(entries: list[dict[str, Any]], recorded: list[dict[str, Any
             continue
         if entry["init_args"].get("version") is None and record.get("version") is not None:
             entry["init_args"]["version"] = record["version"]
+            changed = True
+        if issubclass(cls, TensorBoardLogger) and entry["init_args"].get("version") == record.get("version"):
+            # What the interrupted run logged after its checkpoint is logged again by the resumed run: the
+            # SummaryWriter's purge_step hides the earlier copy (a stale value from a saved config is replaced).
+            entry["init_args"]["purge_step"] = step
             changed = True
     return changed
 
@@ -349,7 +364,7 @@ def plan_run(config: Any, root: str) -> RunPlan:
         entries = logger_entries(logger_value, root)
         if not lineage["loggers"]:
             rank_zero_warn(f"{str(path)!r} does not record its logger version; the logger starts a new version.")
-        elif entries and _resume_versions(entries, lineage["loggers"]):
+        elif entries and _resume_versions(entries, lineage["loggers"], lineage["global_step"]):
             plan.overrides["trainer"] = {"logger": entries if isinstance(logger_value, list) else entries[0]}
         return plan
 

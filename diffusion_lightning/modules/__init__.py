@@ -5,6 +5,7 @@ from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
 from diffusion_lightning.modules.distill import KnowledgeDistillationModule
 from diffusion_lightning.modules.latent import LatentDiffusionModule
+from diffusion_lightning.modules.nonfinite import NonFiniteLossError
 from diffusion_lightning.modules.progressive import ProgressiveDistillationModule
 
 __all__ = [
@@ -14,5 +15,6 @@ __all__ = [
     "DiffusionStepOutput",
     "LatentDiffusionModule",
     "KnowledgeDistillationModule",
+    "NonFiniteLossError",
     "ProgressiveDistillationModule",
 ]

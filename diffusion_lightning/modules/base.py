@@ -12,7 +12,7 @@ import os
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from lightning.pytorch import LightningModule
@@ -22,19 +22,27 @@ from typing_extensions import override
 
 from diffusion_lightning.losses import (
     LOSS_TYPES,
+    LossType,
+    PredictionType,
     check_choice,
     diffusion_loss,
     min_snr_weights,
     snr,
     training_target,
 )
+from diffusion_lightning.modules.nonfinite import NonFiniteLossGuard, NonFiniteLossMode
 from diffusion_lightning.optim import WarmupCosineLR, optimizer_config
 from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, generate
 from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.seeding import collect_rng_states, mix_seed, restore_rng_states
 
-__all__ = ["DiffusionModule", "DiffusionStepOutput", "mix_seed"]
+__all__ = ["BetaSchedule", "DiffusionModule", "DiffusionStepOutput", "SamplerName", "mix_seed"]
+
+#: Noise schedules of the forward process (``schedulers.BETA_SCHEDULES``).
+BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
+#: Sampling schedulers by their short names (``schedulers.SCHEDULERS``).
+SamplerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "unipc"]
 
 
 @dataclass
@@ -55,7 +63,7 @@ class DiffusionStepOutput:
     """The regression target."""
 
 
-class DiffusionModule(LightningModule, ABC):
+class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
     """Base LightningModule: noise, predict, regress, for any denoiser and conditioning.
 
     Noise, timesteps and condition dropout are drawn from a generator seeded by
@@ -64,6 +72,12 @@ class DiffusionModule(LightningModule, ABC):
     RNG states (torch, CUDA, numpy, random) are stored in checkpoints and restored on resume.
     Under data-parallel training each process draws its own noise (the rank is a key), and the
     logged ``train/loss``, ``val/loss`` and ``test/loss`` are means over all processes.
+
+    A NaN or infinite training loss stops the run with
+    :class:`~diffusion_lightning.modules.nonfinite.NonFiniteLossError` naming the step and the loss,
+    or with ``nonfinite_loss: skip`` skips the optimizer step; a non-finite validation loss while
+    fitting always stops it, before any checkpoint of that model is saved or ranked (see
+    :class:`~diffusion_lightning.modules.nonfinite.NonFiniteLossGuard`).
 
     Args:
         num_train_timesteps: Length ``T`` of the forward process.
@@ -83,24 +97,27 @@ class DiffusionModule(LightningModule, ABC):
         optimizer: Optimizer factory taking parameter groups (weight decay is off for biases and
             normalization weights).
         lr_scheduler: LR scheduler factory taking the optimizer, stepped every optimizer step;
-            ``None`` keeps the LR constant.
+            ``None`` keeps the LR constant. ``lightning.pytorch.cli.ReduceLROnPlateau`` with
+            ``monitor: val/loss`` is stepped on that metric after each validation instead.
         compile: ``torch.compile`` the denoiser when fitting starts.
         seed: Seed of the training noise, timesteps and condition dropout.
         sampler: Scheduler used by exported pipelines and ``predict``: one of ``ddpm``, ``ddim``,
             ``dpm``, ``euler``, ``euler_a``, ``unipc``.
         num_inference_steps: Default number of sampling steps.
         guidance_scale: Default classifier-free guidance scale (1 = none).
+        nonfinite_loss: On a NaN or infinite training loss, ``raise`` (stop the run, naming the step
+            and the loss) or ``skip`` (drop that optimizer step's gradients, warn, and go on).
     """
 
     def __init__(
         self,
         num_train_timesteps: int = 1000,
-        beta_schedule: str = "linear",
+        beta_schedule: BetaSchedule = "linear",
         beta_start: float = 1e-4,
         beta_end: float = 0.02,
         rescale_betas_zero_snr: bool = False,
-        prediction_type: str = "epsilon",
-        loss_type: str = "l2",
+        prediction_type: PredictionType = "epsilon",
+        loss_type: LossType = "l2",
         huber_c: float = 0.1,
         snr_gamma: float | None = None,
         noise_offset: float = 0.0,
@@ -110,13 +127,16 @@ class DiffusionModule(LightningModule, ABC):
         lr_scheduler: LRSchedulerCallable | None = WarmupCosineLR,
         compile: bool = False,
         seed: int = 0,
-        sampler: str = "dpm",
+        sampler: SamplerName = "dpm",
         num_inference_steps: int = 25,
         guidance_scale: float = 2.0,
+        nonfinite_loss: NonFiniteLossMode = "raise",
     ) -> None:
         super().__init__()
+        # The CLI checks these from the annotations; a Python caller is checked here.
         check_choice("loss_type", loss_type, LOSS_TYPES)
         check_choice("sampler", sampler, tuple(SCHEDULERS))
+        self.init_nonfinite_guard(nonfinite_loss)
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma={snr_gamma!r} must be > 0, or None to disable min-SNR weighting.")
         if learning_rate <= 0:
@@ -264,6 +284,8 @@ class DiffusionModule(LightningModule, ABC):
 
     def _evaluation_step(self, batch: Any, batch_idx: int, stage: str) -> DiffusionStepOutput:
         out = self.evaluation_output(batch, batch_idx)
+        if stage == "val":
+            self.record_eval_loss(out.loss)
         size = out.timesteps.shape[0]
         self.log(f"{stage}/loss", out.loss, prog_bar=stage == "val", sync_dist=True, batch_size=size)
         return out
@@ -346,12 +368,16 @@ class DiffusionModule(LightningModule, ABC):
     @override
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         cls = type(self)
-        checkpoint["diffusion_lightning"] = {"module_class": f"{cls.__module__}.{cls.__qualname__}"}
+        checkpoint["diffusion_lightning"] = {
+            "module_class": f"{cls.__module__}.{cls.__qualname__}",
+            **self.nonfinite_state(),
+        }
         checkpoint["rng_states"] = collect_rng_states()
 
     @override
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._rng_states_to_restore = checkpoint.get("rng_states")
+        self.load_nonfinite_state(checkpoint.get("diffusion_lightning"))
 
     @override
     def on_train_start(self) -> None:

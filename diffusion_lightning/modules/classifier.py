@@ -14,6 +14,7 @@ from torch.optim import AdamW
 from torchmetrics.classification import MulticlassAccuracy
 from typing_extensions import override
 
+from diffusion_lightning.modules.nonfinite import NonFiniteLossGuard, NonFiniteLossMode
 from diffusion_lightning.optim import optimizer_config
 
 
@@ -21,14 +22,15 @@ def _conv(c_in: int, c_out: int) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
 
 
-class DigitClassifier(LightningModule):
+class DigitClassifier(NonFiniteLossGuard, LightningModule):
     """A VGG-style CNN over images in ``[-1, 1]`` (batches as the data modules yield them).
 
     ``forward`` returns logits; :meth:`features` the penultimate-layer embedding, which serves as
     the feature space of a domain FID and of precision/recall on digits. Training applies small
     random shifts, rotations and scalings per sample (an ``affine_grid`` on the batch, so no
     per-image Python work), which makes the judge robust to the off-centre digits a generator
-    produces.
+    produces. A non-finite loss stops training or skips the step as ``nonfinite_loss`` says (see
+    :class:`~diffusion_lightning.modules.nonfinite.NonFiniteLossGuard`).
 
     Args:
         num_classes: Number of classes (linked from the data module by the CLI).
@@ -42,6 +44,10 @@ class DigitClassifier(LightningModule):
         learning_rate: Learning rate of every parameter group.
         optimizer: Optimizer factory.
         lr_scheduler: LR scheduler factory, stepped every optimizer step; ``None`` keeps the LR.
+            ``lightning.pytorch.cli.ReduceLROnPlateau`` with ``monitor: val/loss`` is stepped on that
+            metric after each validation instead.
+        nonfinite_loss: On a NaN or infinite training loss, ``raise`` (stop, naming the step and
+            the loss) or ``skip`` (drop that optimizer step's gradients, warn, and go on).
     """
 
     def __init__(
@@ -57,8 +63,10 @@ class DigitClassifier(LightningModule):
         learning_rate: float = 2e-3,
         optimizer: OptimizerCallable = AdamW,
         lr_scheduler: LRSchedulerCallable | None = None,
+        nonfinite_loss: NonFiniteLossMode = "raise",
     ) -> None:
         super().__init__()
+        self.init_nonfinite_guard(nonfinite_loss)
         if num_classes < 2:
             raise ValueError(f"num_classes={num_classes!r} must be >= 2.")
         if len(channels) != 3 or min(channels) < 1:
@@ -132,7 +140,10 @@ class DigitClassifier(LightningModule):
         logits = self(batch["images"])
         metric(logits, batch["labels"])
         size = batch["labels"].shape[0]
-        self.log(f"{stage}/loss", F.cross_entropy(logits, batch["labels"]), sync_dist=True, batch_size=size)
+        loss = F.cross_entropy(logits, batch["labels"])
+        if stage == "val":
+            self.record_eval_loss(loss)
+        self.log(f"{stage}/loss", loss, sync_dist=True, batch_size=size)
         self.log(f"{stage}/acc", metric, prog_bar=True, batch_size=size)
 
     @override
@@ -153,3 +164,11 @@ class DigitClassifier(LightningModule):
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory([{"params": self.parameters(), "lr": self.learning_rate}])
         return optimizer_config(optimizer, self.lr_scheduler_factory, self.trainer)
+
+    @override
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["diffusion_lightning"] = self.nonfinite_state()
+
+    @override
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.load_nonfinite_state(checkpoint.get("diffusion_lightning"))

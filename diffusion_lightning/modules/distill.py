@@ -15,20 +15,24 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from diffusion_lightning.losses import check_choice
+from diffusion_lightning.losses import PredictionType, check_choice
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.ddpm import drop_class_labels
 from diffusion_lightning.modules.loading import load_pipeline_source, source_kind
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
 
-__all__ = ["KnowledgeDistillationModule", "Teacher", "load_teacher"]
+__all__ = ["TEACHER_WEIGHTS", "KnowledgeDistillationModule", "Teacher", "TeacherWeights", "load_teacher"]
+
+#: Which weights of a checkpoint teacher: its EMA average or the raw trained ones.
+TeacherWeights = Literal["ema", "raw"]
+TEACHER_WEIGHTS: tuple[str, ...] = get_args(TeacherWeights)
 
 
 @dataclass
@@ -54,7 +58,7 @@ class Teacher:
         return int(self.unet.config.in_channels)
 
 
-def load_teacher(path: str | os.PathLike[str], weights: str = "ema") -> Teacher:
+def load_teacher(path: str | os.PathLike[str], weights: TeacherWeights = "ema") -> Teacher:
     """The teacher in ``path``: a ``.ckpt`` written by ``fit`` or an exported pipeline folder.
 
     Raises:
@@ -90,16 +94,16 @@ class _TeacherStudentModule(DiffusionModule):
     def __init__(
         self,
         teacher: str,
-        teacher_weights: str,
+        teacher_weights: TeacherWeights,
         p_uncond: float,
         num_classes: int | None,
         image_size: int | None,
         in_channels: int | None,
         class_names: list[str] | None,
-        prediction_type: str | None = None,
+        prediction_type: PredictionType | None = None,
         **kwargs: Any,
     ) -> None:
-        check_choice("teacher_weights", teacher_weights, ("ema", "raw"))
+        check_choice("teacher_weights", teacher_weights, TEACHER_WEIGHTS)  # the CLI checks the annotation
         if not 0.0 <= p_uncond < 1.0:
             raise ValueError(f"p_uncond={p_uncond!r} must be in [0, 1).")
         source = load_teacher(teacher, teacher_weights)
@@ -219,13 +223,13 @@ class KnowledgeDistillationModule(_TeacherStudentModule):
         alpha: float = 0.5,
         feature_weight: float = 0.0,
         feature_layers: list[str] | None = None,
-        teacher_weights: str = "ema",
+        teacher_weights: TeacherWeights = "ema",
         p_uncond: float = 0.1,
         num_classes: int | None = None,
         image_size: int | None = None,
         in_channels: int | None = None,
         class_names: list[str] | None = None,
-        prediction_type: str | None = None,
+        prediction_type: PredictionType | None = None,
         **kwargs: Any,
     ) -> None:
         if not 0.0 <= alpha <= 1.0:

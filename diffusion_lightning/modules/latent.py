@@ -13,14 +13,14 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from diffusion_lightning.losses import check_choice
-from diffusion_lightning.modules.base import DiffusionModule
+from diffusion_lightning.losses import PredictionType, check_choice
+from diffusion_lightning.modules.base import BetaSchedule, DiffusionModule
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.nets.latent import (
     LatentComponents,
@@ -35,10 +35,12 @@ from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
 
-__all__ = ["TRAINING_MODES", "LatentDiffusionModule"]
+__all__ = ["ATTENTION", "TRAINING_MODES", "AttentionBackend", "LatentDiffusionModule", "TrainingMode"]
 
-TRAINING_MODES = ("full", "text_encoder", "lora")
-ATTENTION = ("sdpa", "xformers", "default")
+TrainingMode = Literal["full", "text_encoder", "lora"]
+AttentionBackend = Literal["sdpa", "xformers", "default"]
+TRAINING_MODES: tuple[str, ...] = get_args(TrainingMode)
+ATTENTION: tuple[str, ...] = get_args(AttentionBackend)
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 
@@ -97,7 +99,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         components: LatentComponents | None = None,
         revision: str | None = None,
         variant: str | None = None,
-        training_mode: str = "full",
+        training_mode: TrainingMode = "full",
         train_text_encoder: bool = False,
         text_encoder_learning_rate: float | None = None,
         lora_rank: int = 4,
@@ -108,7 +110,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         text_encoder_lora_target_modules: list[str] | None = None,
         prompt_dropout: float = 0.1,
         gradient_checkpointing: bool = False,
-        attention: str = "sdpa",
+        attention: AttentionBackend = "sdpa",
         latent_cache_dir: str | None = None,
         image_size: int | None = None,
         in_channels: int = 3,
@@ -117,12 +119,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         validation_seed: int = 0,
         num_classes: int | None = None,
         class_names: list[str] | None = None,
-        prediction_type: str | None = None,
-        beta_schedule: str = "scaled_linear",
+        prediction_type: PredictionType | None = None,
+        beta_schedule: BetaSchedule = "scaled_linear",
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
         **kwargs: Any,
     ) -> None:
+        # The CLI checks these from the annotations; a Python caller is checked here.
         check_choice("training_mode", training_mode, TRAINING_MODES)
         check_choice("attention", attention, ATTENTION)
         if not 0.0 <= prompt_dropout < 1.0:

@@ -14,12 +14,19 @@ The class a checkpoint names is resolved by jsonargparse, as LightningCLI resolv
 from __future__ import annotations
 
 import os
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import diffusers
+import huggingface_hub
 import torch
 from diffusers import DiffusionPipeline
+from huggingface_hub import HfApi
+from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
+from huggingface_hub.utils import validate_repo_id
 
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
@@ -34,6 +41,7 @@ __all__ = [
     "PIPELINE_DEFAULTS",
     "TEXT_PIPELINE_DEFAULTS",
     "WEIGHTS",
+    "is_hub_id",
     "load_module",
     "load_pipeline_source",
     "module_class",
@@ -54,20 +62,49 @@ TEXT_PIPELINE_DEFAULTS: dict[str, Any] = {"steps": 25, "guidance_scale": 7.5}
 # ---------------------------------------------------------------------- checkpoints
 
 
-def read_checkpoint(path: str | os.PathLike[str]) -> dict[str, Any]:
-    """The checkpoint dictionary (on the CPU), with a clear error for a missing or foreign file.
+def read_checkpoint(path: str | os.PathLike[str], mmap: bool = False) -> dict[str, Any]:
+    """The checkpoint dictionary (on the CPU), with a clear error for a missing, damaged or foreign file.
+
+    Args:
+        path: A ``.ckpt`` file written by ``fit``.
+        mmap: Map the tensors of the file instead of reading them (a cheap check that it loads).
 
     Raises:
-        FileNotFoundError: When ``path`` is not a file.
-        ValueError: When the file is not a Lightning checkpoint.
+        FileNotFoundError: When ``path`` does not exist.
+        ValueError: When ``path`` is a folder, a file torch cannot load (empty, truncated, not written
+            by ``torch.save``, or holding objects whose code does not import here), or not a
+            Lightning checkpoint. The message names the file.
     """
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"checkpoint {str(path)!r} is a folder; expected a .ckpt file written by fit.")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist.")
-    checkpoint = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # only a zip archive (what torch.save writes) can be mapped; anything else is read, to see its error
+        checkpoint = torch.load(path, map_location="cpu", weights_only=False, mmap=mmap and zipfile.is_zipfile(path))
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, ImportError, AttributeError) as error:
+        raise ValueError(_unreadable(path, error)) from error
     if not isinstance(checkpoint, dict) or "state_dict" not in checkpoint:
-        raise ValueError(f"{str(path)!r} is not a Lightning checkpoint (no 'state_dict').")
+        raise ValueError(f"checkpoint {str(path)!r} is not a Lightning checkpoint (no 'state_dict').")
     return checkpoint
+
+
+def _unreadable(path: Path, error: BaseException) -> str:
+    """Why torch could not load the file ``path`` (``error``), in one line naming the file."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    reason = " ".join(str(error).split()).split(". This is an internal")[0]  # torch's advice follows
+    noise = r"^PytorchStreamReader failed reading zip archive: |^\[enforce fail at [^\]]*\]\s*\.?\s*"
+    reason = re.sub(noise, "", reason).rstrip(".")
+    if not head:
+        what = "is empty"
+    elif head == b"PK\x03\x04" and not zipfile.is_zipfile(path):
+        what = "is truncated or corrupted (an interrupted copy or save?)"
+    elif isinstance(error, (ImportError, AttributeError)):
+        what = "holds objects whose code does not import here"
+    else:
+        what = "is not a checkpoint written by torch.save"
+    return f"checkpoint {str(path)!r} {what}; torch could not read it ({reason})."
 
 
 def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "checkpoint") -> type[DiffusionModule]:
@@ -88,7 +125,7 @@ def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "c
             f"{str(source)!r} does not record its module class (no hyper_parameters._class_path or "
             "diffusion_lightning.module_class); was it written by diffusion_lightning?"
         )
-    return resolve_class(path, DiffusionModule, field=f"module class of {str(source)!r}")
+    return resolve_class(path, DiffusionModule, field=f"checkpoint {str(source)!r}: module class")
 
 
 def load_module(
@@ -135,28 +172,113 @@ def source_kind(path: str | os.PathLike[str]) -> str | None:
     return None
 
 
-def _class_name(source: str) -> str | None:
-    """The ``_class_name`` in the ``model_index.json`` of a pipeline folder (or hub id), once the folder is checked."""
-    path = Path(source)
-    if path.exists() and not (path / "model_index.json").is_file():
+#: Seconds the hub may take to say whether a repository exists (one request, no retries).
+HUB_LOOKUP_TIMEOUT = 10.0
+
+
+def is_hub_id(source: str) -> bool:
+    """Whether a pipeline ``source`` names a hub repository rather than a local path.
+
+    The rule: an existing path is local, and so is anything that reads as a path, which is then
+    checked on this machine only: a source that starts with ``.``, ``/`` or ``~``, holds a backslash
+    (or the OS's other separator), has no ``/`` or more than one (hub pipelines are ``owner/name``),
+    is not a valid repository id, or whose ``owner`` part is an existing local folder. What is left,
+    an ``owner/name`` that is nowhere on disk, is a hub id.
+    """
+    if os.path.lexists(source) or source.startswith((".", "/", "~")):
+        return False
+    if "\\" in source or (os.altsep and os.altsep != "/" and os.altsep in source) or source.count("/") != 1:
+        return False
+    if os.path.isdir(source.split("/")[0]):
+        return False
+    try:
+        validate_repo_id(source)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _local_folder(source: str) -> str:
+    """The pipeline folder ``source`` (``~`` expanded), checked on this machine without reaching the hub."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        raise ValueError(
+            f"pipeline={source!r} does not exist; give an exported pipeline folder (with model_index.json) "
+            "or a hub repository id owner/name."
+        )
+    if path.is_file():
+        raise ValueError(
+            f"pipeline={source!r} is a file; give an exported pipeline folder (with model_index.json); a .ckpt "
+            "checkpoint is read with --ckpt."
+        )
+    if not (path / "model_index.json").is_file():
         if (path / "pytorch_lora_weights.safetensors").is_file():
             raise ValueError(
                 f"pipeline={source!r} holds LoRA adapter weights only (pytorch_lora_weights.safetensors); "
                 "export the run with --merge-lora for a full pipeline, or sample from its checkpoint."
             )
         raise ValueError(f"pipeline={source!r} has no model_index.json; is it an exported pipeline?")
+    return os.fspath(path)
+
+
+def _hub_local_only(repo_id: str) -> tuple[bool, BaseException | None]:
+    """Whether the hub repository ``repo_id`` must be read from the local cache, and why.
+
+    Offline (``HF_HUB_OFFLINE=1``) only the cache is read. Online, one request with a short timeout
+    and no retries asks the hub whether the repository exists, so that a missing one fails at once
+    and an unreachable hub falls back to the cache rather than to a long series of retried downloads.
+
+    Raises:
+        ValueError: When the hub answers that there is no such repository.
+    """
+    if huggingface_hub.is_offline_mode():
+        return True, None
     try:
-        config = DiffusionPipeline.load_config(source)
-    except (OSError, ValueError) as error:
+        HfApi().repo_info(repo_id, timeout=HUB_LOOKUP_TIMEOUT)
+    except GatedRepoError:  # it exists; downloading it needs access, which from_pretrained reports
+        return False, None
+    except RepositoryNotFoundError as error:
         raise ValueError(
-            f"pipeline={source!r} could not be read ({error}); give an exported pipeline folder."
+            f"pipeline={repo_id!r} is not a local folder, and the hub ({huggingface_hub.constants.ENDPOINT}) has no "
+            f"repository of that name (or a private one this machine has no token for); give an exported pipeline "
+            f"folder (a relative one as ./{repo_id}) or an existing hub id."
         ) from error
-    return config.get("_class_name")
+    except Exception as error:  # any failure to reach the hub: only its local cache can answer now
+        return True, error
+    return False, None
+
+
+def _pipeline_index(source: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
+    """Where to load the pipeline ``source`` from, the ``from_pretrained`` arguments that needs, and its index.
+
+    Returns:
+        ``(location, options, model_index)``: the folder (``~`` expanded) or hub id, ``local_files_only``
+        when only the hub cache may be read, and the ``model_index.json`` contents.
+    """
+    hub = is_hub_id(source)
+    location = source if hub else _local_folder(source)
+    local_only, unreachable = _hub_local_only(source) if hub else (False, None)
+    options = {"local_files_only": True} if local_only else {}
+    try:
+        return location, options, DiffusionPipeline.load_config(location, **options)
+    except (OSError, ValueError) as error:
+        if unreachable is not None:
+            raise ValueError(
+                f"pipeline={source!r} is not a local folder, and as a hub id (owner/name) it is neither in the "
+                f"local cache nor reachable at {huggingface_hub.constants.ENDPOINT} ({unreachable}); give an "
+                "exported pipeline folder, or retry with a network."
+            ) from error
+        kind = "a hub id" if hub else "a pipeline folder"
+        raise ValueError(
+            f"pipeline={source!r} could not be read as {kind} ({error}); give an exported pipeline folder "
+            "(with model_index.json) or a hub repository id owner/name."
+        ) from error
 
 
 def _load_folder(source: str, expect: type[DiffusionPipeline] | None) -> DiffusionPipeline:
-    """The pipeline folder ``source``, loaded with this package's class or diffusers' own resolution."""
-    name = _class_name(source) or ""
+    """The pipeline folder (or hub repository) ``source``, loaded with this package's class or diffusers' own."""
+    location, options, index = _pipeline_index(source)
+    name = index.get("_class_name") or ""
     if expect is not None:
         named = LOCAL_PIPELINES.get(name) or getattr(diffusers, name, None)
         if not (isinstance(named, type) and issubclass(named, expect)):
@@ -164,7 +286,7 @@ def _load_folder(source: str, expect: type[DiffusionPipeline] | None) -> Diffusi
                 f"pipeline={source!r} holds a {name or 'pipeline of no class'}; expected a {expect.__name__}."
             )
     try:
-        return LOCAL_PIPELINES.get(name, DiffusionPipeline).from_pretrained(source)
+        return LOCAL_PIPELINES.get(name, DiffusionPipeline).from_pretrained(location, **options)
     except AttributeError as error:  # a _class_name that neither diffusers nor this package defines
         raise ValueError(
             f"pipeline={source!r} names a pipeline class diffusers does not know ({error}); "
@@ -188,7 +310,8 @@ def load_pipeline_source(
 
     Args:
         ckpt: A ``.ckpt`` file written by ``fit``.
-        pipeline: An exported pipeline folder (or hub id); exactly one of ``ckpt`` and ``pipeline``.
+        pipeline: An exported pipeline folder, or a hub id ``owner/name`` (see :func:`is_hub_id`); exactly
+            one of ``ckpt`` and ``pipeline``.
         weights: With ``ckpt``: ``ema`` or ``raw`` weights (see :func:`load_module`).
         scheduler: A sampling scheduler name (see :data:`~diffusion_lightning.schedulers.SCHEDULERS`)
             that replaces the pipeline's, on the same noise schedule; ``None`` keeps it.

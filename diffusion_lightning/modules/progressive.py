@@ -10,17 +10,20 @@ from __future__ import annotations
 
 import copy
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_only
 from typing_extensions import override
 
-from diffusion_lightning.losses import check_choice
+from diffusion_lightning.losses import PredictionType, check_choice
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
-from diffusion_lightning.modules.distill import _TeacherStudentModule
+from diffusion_lightning.modules.distill import TeacherWeights, _TeacherStudentModule
 
-__all__ = ["ProgressiveDistillationModule", "predict_x0"]
+__all__ = ["LossWeighting", "ProgressiveDistillationModule", "predict_x0"]
+
+#: Weightings of the x-space loss of progressive distillation.
+LossWeighting = Literal["truncated_snr", "snr_plus_one", "none"]
 
 
 def predict_x0(
@@ -65,7 +68,7 @@ class ProgressiveDistillationModule(_TeacherStudentModule):
         **kwargs: Training-core options; noise schedule and prediction type are the teacher's.
     """
 
-    WEIGHTINGS = ("truncated_snr", "snr_plus_one", "none")
+    WEIGHTINGS: tuple[str, ...] = get_args(LossWeighting)
 
     def __init__(
         self,
@@ -73,17 +76,17 @@ class ProgressiveDistillationModule(_TeacherStudentModule):
         teacher_steps: int = 64,
         rounds: int = 4,
         steps_per_round: int = 500,
-        loss_weighting: str = "truncated_snr",
-        teacher_weights: str = "ema",
+        loss_weighting: LossWeighting = "truncated_snr",
+        teacher_weights: TeacherWeights = "ema",
         p_uncond: float = 0.1,
         num_classes: int | None = None,
         image_size: int | None = None,
         in_channels: int | None = None,
         class_names: list[str] | None = None,
-        prediction_type: str | None = None,
+        prediction_type: PredictionType | None = None,
         **kwargs: Any,
     ) -> None:
-        check_choice("loss_weighting", loss_weighting, self.WEIGHTINGS)
+        check_choice("loss_weighting", loss_weighting, self.WEIGHTINGS)  # the CLI checks the annotation
         if rounds < 1 or steps_per_round < 1:
             raise ValueError(f"rounds={rounds!r} and steps_per_round={steps_per_round!r} must be >= 1.")
         if teacher_steps % 2**rounds:

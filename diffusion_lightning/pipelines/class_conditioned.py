@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,17 @@ from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.utils.images import label_grid, make_grid
 
 OUTPUT_TYPES = ("pil", "np", "pt")
+
+
+def _is_int(value: Any) -> bool:
+    """Whether ``value`` is a Python or NumPy integer (a bool is not)."""
+    return isinstance(value, (int, np.integer)) and not isinstance(value, (bool, np.bool_))
+
+
+def _preview(tensor: torch.Tensor, limit: int = 8) -> str:
+    """The first ``limit`` values of ``tensor``, for error messages."""
+    values = tensor.detach().flatten()[:limit].tolist()
+    return f"{values}{' ...' if tensor.numel() > limit else ''}"
 
 
 @dataclass
@@ -94,19 +106,38 @@ class ClassConditionedPipeline(DiffusionPipeline):
     def class_label_tensor(
         self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None
     ) -> torch.Tensor:
-        """Validate ``class_labels`` and return them as a ``(B,)`` long tensor."""
-        if batch_size is not None and (not isinstance(batch_size, int) or batch_size < 1):
+        """Validate ``class_labels`` and return them as a ``(B,)`` long tensor.
+
+        Nothing is cast before it is checked: an int (not a bool), a list or tuple of such ints, or a
+        1-D tensor of an integer dtype are accepted; floats, bools, strings and tensors of another
+        rank are rejected rather than rounded or flattened.
+
+        Raises:
+            ValueError: Naming ``class_labels`` (or ``batch_size``), the value and what is accepted.
+        """
+        if batch_size is not None and not (_is_int(batch_size) and batch_size >= 1):
             raise ValueError(f"batch_size={batch_size!r} must be a positive int or None.")
-        if isinstance(class_labels, (int, np.integer)) and not isinstance(class_labels, bool):
+        accepted = "an int, a list of ints or a 1-D integer tensor"
+        if _is_int(class_labels):
             labels = torch.full((batch_size or 1,), int(class_labels), dtype=torch.long)
         elif isinstance(class_labels, torch.Tensor):
-            labels = class_labels.detach().flatten().long().cpu()
-        elif isinstance(class_labels, Sequence) and not isinstance(class_labels, str):
-            if not all(isinstance(c, (int, np.integer)) and not isinstance(c, bool) for c in class_labels):
-                raise ValueError(f"class_labels={list(class_labels)!r} must hold ints.")
+            if class_labels.dtype == torch.bool or class_labels.dtype.is_floating_point or class_labels.is_complex():
+                raise ValueError(
+                    f"class_labels is a tensor of dtype {class_labels.dtype} ({_preview(class_labels)}); "
+                    f"accepted: {accepted} (dtype int64, int32, ...)."
+                )
+            if class_labels.dim() != 1:
+                raise ValueError(
+                    f"class_labels is a {class_labels.dim()}-D tensor of shape {tuple(class_labels.shape)}; "
+                    f"accepted: {accepted} of shape (B,)."
+                )
+            labels = class_labels.detach().to(device="cpu", dtype=torch.long)
+        elif isinstance(class_labels, Sequence) and not isinstance(class_labels, (str, bytes)):
+            if not all(_is_int(c) for c in class_labels):
+                raise ValueError(f"class_labels={list(class_labels)!r} must hold ints only; accepted: {accepted}.")
             labels = torch.tensor([int(c) for c in class_labels], dtype=torch.long)
         else:
-            raise ValueError(f"class_labels={class_labels!r} must be an int, a list of ints or a 1-D tensor.")
+            raise ValueError(f"class_labels={class_labels!r} is not accepted; give {accepted}.")
         if labels.numel() == 0:
             raise ValueError("class_labels is empty; give at least one class.")
         if batch_size is not None and labels.numel() != batch_size:
@@ -121,7 +152,14 @@ class ClassConditionedPipeline(DiffusionPipeline):
             )
         return labels
 
-    def _extra_step_kwargs(self, generator: torch.Generator | None, eta: float) -> dict[str, Any]:
+    def _extra_step_kwargs(
+        self, generator: torch.Generator | list[torch.Generator] | None, eta: float
+    ) -> dict[str, Any]:
+        """``generator`` and ``eta`` for schedulers whose ``step`` takes them.
+
+        A list of generators goes to the scheduler as it is: stochastic schedulers draw their step
+        noise with ``randn_tensor``, which takes sample ``i``'s noise from ``generator[i]``.
+        """
         params = set(inspect.signature(self.scheduler.step).parameters)
         kwargs: dict[str, Any] = {}
         if "generator" in params:
@@ -129,6 +167,37 @@ class ClassConditionedPipeline(DiffusionPipeline):
         if "eta" in params:
             kwargs["eta"] = eta
         return kwargs
+
+    def _check_call_arguments(
+        self,
+        num_inference_steps: Any,
+        guidance_scale: Any,
+        output_type: Any,
+        callback_on_step_end_tensor_inputs: Sequence[str],
+    ) -> None:
+        """The checks of :meth:`__call__` that need neither the labels nor the model."""
+        if output_type not in OUTPUT_TYPES:
+            raise ValueError(f"output_type={output_type!r} is not supported; expected one of {list(OUTPUT_TYPES)}.")
+        if (
+            isinstance(guidance_scale, bool)
+            or not isinstance(guidance_scale, (int, float))
+            or not math.isfinite(guidance_scale)
+            or guidance_scale < 0
+        ):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number >= 0 (1 disables guidance).")
+        if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int.")
+        train_steps = getattr(self.scheduler.config, "num_train_timesteps", None)
+        if train_steps is not None and num_inference_steps > train_steps:
+            raise ValueError(
+                f"num_inference_steps={num_inference_steps} exceeds the scheduler's num_train_timesteps={train_steps}; "
+                f"give at most {train_steps} steps."
+            )
+        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
+        if unknown:
+            raise ValueError(
+                f"callback_on_step_end_tensor_inputs has {sorted(unknown)}; accepted: {self._callback_tensor_inputs}."
+            )
 
     @torch.no_grad()
     def __call__(
@@ -153,7 +222,9 @@ class ClassConditionedPipeline(DiffusionPipeline):
             batch_size: Number of images; must match the labels' length when they are a list.
             num_inference_steps: Denoising steps of the scheduler.
             guidance_scale: Classifier-free guidance scale, ``>= 0`` (1 = no guidance).
-            generator: Torch generator(s) for reproducible noise.
+            generator: A torch generator for reproducible noise, or a list of one generator per image:
+                image ``i`` then draws its initial noise and every step's noise from ``generator[i]``,
+                so it is the same whatever the other images of the batch.
             output_type: ``pil`` (list of images), ``np`` (``B, H, W, C`` array) or ``pt`` (``B, C, H, W``).
             return_dict: Return a :class:`ClassConditionedPipelineOutput` rather than a tuple.
             latents: Initial noise of shape ``(B, C, H, W)``; drawn from ``generator`` when omitted.
@@ -164,20 +235,15 @@ class ClassConditionedPipeline(DiffusionPipeline):
             callback_on_step_end_tensor_inputs: Names from ``latents``, ``noise_pred``,
                 ``pred_original_sample``.
         """
-        if output_type not in OUTPUT_TYPES:
-            raise ValueError(f"output_type={output_type!r} is not supported; expected one of {list(OUTPUT_TYPES)}.")
-        if not isinstance(guidance_scale, (int, float)) or guidance_scale < 0:
-            raise ValueError(f"guidance_scale={guidance_scale!r} must be a number >= 0 (1 disables guidance).")
-        if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-            raise ValueError(f"num_inference_steps={num_inference_steps!r} must be a positive int.")
-        unknown = set(callback_on_step_end_tensor_inputs) - set(self._callback_tensor_inputs)
-        if unknown:
-            raise ValueError(
-                f"callback_on_step_end_tensor_inputs has {sorted(unknown)}; accepted: {self._callback_tensor_inputs}."
-            )
+        self._check_call_arguments(num_inference_steps, guidance_scale, output_type, callback_on_step_end_tensor_inputs)
         labels = self.class_label_tensor(class_labels, batch_size)
         device = self._execution_device
         batch = labels.numel()
+        if isinstance(generator, list) and len(generator) != batch:
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators for {batch} images; give one generator per "
+                "image (or a single generator)."
+            )
         config = self.unet.config
         shape = (batch, config.out_channels, config.sample_size, config.sample_size)
         if latents is None:
@@ -197,7 +263,7 @@ class ClassConditionedPipeline(DiffusionPipeline):
         do_cfg = model_labels.numel() == 2 * batch
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
-        step_kwargs = self._extra_step_kwargs(generator if not isinstance(generator, list) else None, eta)
+        step_kwargs = self._extra_step_kwargs(generator, eta)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
             model_input = self.scheduler.scale_model_input(model_input, t)
@@ -236,7 +302,7 @@ class ClassConditionedPipeline(DiffusionPipeline):
         classes: Sequence[int] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 2.0,
-        generator: torch.Generator | None = None,
+        generator: torch.Generator | list[torch.Generator] | None = None,
         batch_size: int | None = None,
         scale: int = 2,
         label_rows: bool = True,
@@ -245,25 +311,32 @@ class ClassConditionedPipeline(DiffusionPipeline):
 
         Args:
             num_per_class: Columns of the grid.
-            classes: Rows, in order (default: every class).
+            classes: Rows, in order (default: every class): a list of ints or a 1-D integer tensor.
             num_inference_steps: Denoising steps.
             guidance_scale: Classifier-free guidance scale.
-            generator: Torch generator for reproducible grids.
+            generator: A torch generator for reproducible grids, or one generator per image (row-major), which
+                makes every image independent of ``batch_size``.
             batch_size: Images per forward pass (default: the whole grid at once).
             scale: Integer upscaling of the PIL grid (nearest neighbour), for small images.
             label_rows: Write each row's class (or class name) left of it in the PIL grid.
         """
         if num_per_class < 1:
             raise ValueError(f"num_per_class={num_per_class!r} must be >= 1.")
-        rows = list(range(self.num_classes)) if classes is None else list(classes)
-        labels = self.class_label_tensor(torch.tensor(rows).repeat_interleave(num_per_class))
+        row_labels = self.class_label_tensor(list(range(self.num_classes)) if classes is None else classes)
+        rows = row_labels.tolist()
+        labels = row_labels.repeat_interleave(num_per_class)
+        if isinstance(generator, list) and len(generator) != labels.numel():
+            raise ValueError(
+                f"generator is a list of {len(generator)} generators for {labels.numel()} images "
+                f"({len(rows)} classes x {num_per_class}); give one generator per image (or a single generator)."
+            )
         chunk = batch_size or labels.numel()
         parts = [
             self(
                 labels[i : i + chunk],
                 num_inference_steps=num_inference_steps,
                 guidance_scale=guidance_scale,
-                generator=generator,
+                generator=generator[i : i + chunk] if isinstance(generator, list) else generator,
                 output_type="pt",
             ).images.cpu()
             for i in range(0, labels.numel(), chunk)
