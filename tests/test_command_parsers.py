@@ -9,7 +9,7 @@ from typing import Literal
 import pytest
 
 from diffusion_lightning.cli import main
-from diffusion_lightning.commands import analyze, evaluate, sample, tune
+from diffusion_lightning.commands import analyze, evaluate, export, sample, tune
 from diffusion_lightning.commands.common import CommandParser, SamplingOptions, add_dataclass_flags, from_args
 from diffusion_lightning.metrics.config import EvaluationConfig
 
@@ -89,7 +89,7 @@ def test_mistakes_are_one_line_naming_the_flag_the_value_and_what_is_accepted(ar
 
 
 def command_parsers() -> list[argparse.ArgumentParser]:
-    parsers = [evaluate.build_parser(), sample.build_parser(), analyze.build_parser()]
+    parsers = [evaluate.build_parser(), sample.build_parser(), analyze.build_parser(), export.build_parser()]
     return [*parsers, tune.build_parser()] if tune_available() else parsers
 
 
@@ -123,6 +123,19 @@ def test_evaluate_bad_choice_is_one_line_with_the_accepted_values(capsys):
     assert (
         message == "error: --logger 'mlflow' is not accepted; expected one of: tensorboard, csv, wandb, neptune, none."
     )
+
+
+def test_export_flags_come_from_its_dataclass_and_mistakes_are_one_line():
+    parser = export.build_parser()
+    assert parse_error(parser, ["--ckpt", "a.ckpt", "--out", "b", "--weights", "best"]) == (
+        "error: --weights 'best' is not accepted; expected one of: ema, raw."
+    )
+    assert "--out" in parse_error(parser, ["--ckpt", "a.ckpt"])  # required
+    dashed = ["--ckpt-path", "a.ckpt", "--out", "b", "--merge-lora"]
+    for argv in (dashed, underscored_flags(dashed)):
+        args = parser.parse_args(argv)
+        parsed = (args.ckpt, args.out, args.merge_lora, args.overwrite, args.weights)
+        assert parsed == ("a.ckpt", "b", True, False, "ema")
 
 
 def test_evaluate_source_is_exactly_one_of_ckpt_pipeline_real():

@@ -14,13 +14,13 @@ under a file, a pipeline without ``--overwrite``, or a folder that holds the che
 
 from __future__ import annotations
 
-import argparse
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from diffusion_lightning.modules.loading import WEIGHTS, load_module
-from diffusion_lightning.schedulers import SCHEDULERS
+from diffusion_lightning.commands.common import CommandParser, SchedulerName, WeightsName, add_dataclass_flags
+from diffusion_lightning.modules.loading import load_module
 from diffusion_lightning.utils.io import recover_directory
 
 #: Files at the top of a folder that make it a pipeline ``export`` may replace (with ``--overwrite``).
@@ -29,8 +29,26 @@ PIPELINE_MARKERS: tuple[str, ...] = ("model_index.json", "pytorch_lora_weights.s
 _ACCEPTED = "accepted: a new path, an empty folder, or an existing pipeline folder with --overwrite"
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+@dataclass
+class ExportArguments:
+    """What ``diffusion-lightning export`` is given."""
+
+    ckpt: str = field(metadata={"flags": ("--ckpt", "--ckpt-path", "--ckpt_path")})
+    """A ``.ckpt`` file written by fit."""
+    out: str
+    """Pipeline folder to write (see below for an existing one)."""
+    overwrite: bool = False
+    """Replace --out when it is an existing pipeline folder (never anything else)."""
+    scheduler: SchedulerName | None = None
+    """The pipeline's sampling scheduler; ``None``: the model's sampler."""
+    weights: WeightsName = "ema"
+    """The EMA weights when the run had them (``ema``) or the raw trained ones (``raw``)."""
+    merge_lora: bool = False
+    """LoRA runs: write a full pipeline with the adapters fused in, instead of the adapter weights alone."""
+
+
+def build_parser() -> CommandParser:
+    parser = CommandParser(
         prog="diffusion-lightning export",
         description="Write the model of a checkpoint as a diffusers pipeline folder that loads with "
         "from_pretrained. The folder appears only once complete.",
@@ -40,27 +58,7 @@ def build_parser() -> argparse.ArgumentParser:
         "else (e.g. a run folder with checkpoints) or a path under a file is never replaced: export stops with an "
         "error and leaves it as it is.",
     )
-    parser.add_argument(
-        "--ckpt", "--ckpt_path", "--ckpt-path", dest="ckpt", required=True, help="a .ckpt file written by fit"
-    )
-    parser.add_argument("--out", required=True, help="pipeline folder to write (see below for an existing one)")
-    parser.add_argument(
-        "--overwrite", action="store_true",
-        help="replace --out when it is an existing pipeline folder (never anything else)",
-    )  # fmt: skip
-    parser.add_argument(
-        "--scheduler",
-        choices=sorted(SCHEDULERS),
-        help="the pipeline's sampling scheduler (default: the model's sampler)",
-    )
-    parser.add_argument(
-        "--weights", choices=WEIGHTS, default="ema",
-        help="the EMA weights when the run had them (default) or the raw trained ones",
-    )  # fmt: skip
-    parser.add_argument(
-        "--merge-lora", "--merge_lora", dest="merge_lora", action="store_true",
-        help="LoRA runs: write a full pipeline with the adapters fused in, instead of the adapter weights alone",
-    )  # fmt: skip
+    add_dataclass_flags(parser, ExportArguments)
     return parser
 
 
