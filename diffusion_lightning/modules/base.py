@@ -199,11 +199,9 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         """A diffusers pipeline around the current weights, with the named sampling scheduler."""
 
     def condition_spec(self) -> ConditionSpec:
-        """What this model can be asked to generate (class labels, prompts) and its defaults.
+        """What this model can be asked to generate, for the sampling callbacks, ``evaluate`` and ``predict``.
 
-        Sampling callbacks, ``evaluate`` and ``predict`` go through it (see
-        :mod:`diffusion_lightning.pipelines.conditioning`). The default reads ``num_classes`` and
-        ``class_names``; a model conditioned another way overrides it.
+        The default reads ``num_classes`` and ``class_names``; a model conditioned otherwise overrides it.
         """
         num_classes = getattr(self, "num_classes", None)
         if not isinstance(num_classes, int):
