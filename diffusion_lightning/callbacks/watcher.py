@@ -16,6 +16,7 @@ from typing_extensions import override
 from diffusion_lightning.callbacks._watch_selection import select_modules
 from diffusion_lightning.callbacks._watch_stats import STATISTICS, first_tensor, statistics
 from diffusion_lightning.loggers.media import log_histogram
+from diffusion_lightning.modules.nonfinite import drop_nonfinite_step
 
 WATCH_KINDS = ("activations", "gradients", "parameters")
 """What can be watched."""
@@ -343,17 +344,10 @@ class GradientActivationWatcher(Callback):
             module, message = self._describe_nonfinite(pl_module, step, norm_value, loss_value)
         if not self.skip_nonfinite:
             raise NonFiniteGradientError(message, step, module)
-        with torch.no_grad():
-            if not bool(torch.isfinite(torch.nn.utils.get_total_norm(params))):
-                message += " The parameters themselves are non-finite, so skipping steps cannot recover."
-                raise NonFiniteGradientError(message, step, module)
-        for p in params:
-            p.grad = None
+        if not drop_nonfinite_step(trainer, params, message, self.skipped_steps + 1, "debug/skipped_steps"):
+            message += " The parameters themselves are non-finite, so skipping steps cannot recover."
+            raise NonFiniteGradientError(message, step, module)
         self.skipped_steps += 1
-        rank_zero_warn(f"{message} Skipping this optimizer step ({self.skipped_steps} skipped so far).")
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"debug/skipped_steps": float(self.skipped_steps)}, step=step)
 
     def _describe_nonfinite(
         self, pl_module: pl.LightningModule, step: int, norm: float, loss: float

@@ -36,6 +36,25 @@ class NonFiniteLossError(FloatingPointError):
         self.loss = loss
 
 
+def drop_nonfinite_step(trainer: Any, params: list[torch.Tensor], message: str, skipped: int, metric: str) -> bool:
+    """Drop a non-finite step's gradients, so the optimizer leaves the weights as they are; warn and log the count.
+
+    Shared by ``nonfinite_loss: skip`` and the gradient watcher's ``skip_nonfinite``. ``skipped`` is
+    the number of skipped steps, this one included, logged as ``metric`` (rank 0). Returns ``False``
+    and drops nothing when the weights themselves are non-finite: no skipping can recover then.
+    """
+    with torch.no_grad():
+        if not math.isfinite(float(torch.nn.utils.get_total_norm(params))):
+            return False
+    for p in params:
+        p.grad = None
+    rank_zero_warn(f"{message} Skipping this optimizer step ({skipped} skipped so far).")
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics({metric: float(skipped)}, step=trainer.global_step)
+    return True
+
+
 class NonFiniteLossGuard:
     """Mixin for a ``LightningModule``: act on a non-finite training loss; refuse a non-finite validation loss.
 
@@ -104,21 +123,14 @@ class NonFiniteLossGuard:
                 "train",
                 value,
             )
-        with torch.no_grad():
-            if not math.isfinite(float(torch.nn.utils.get_total_norm(params))):
-                raise NonFiniteLossError(
-                    f"{message} The weights themselves are non-finite, so skipping steps cannot recover.",
-                    step,
-                    "train",
-                    value,
-                )
-        for p in params:
-            p.grad = None
+        if not drop_nonfinite_step(trainer, params, message, self.skipped_nonfinite_steps + 1, "train/skipped_steps"):
+            raise NonFiniteLossError(
+                f"{message} The weights themselves are non-finite, so skipping steps cannot recover.",
+                step,
+                "train",
+                value,
+            )
         self.skipped_nonfinite_steps += 1
-        rank_zero_warn(f"{message} Skipping this optimizer step ({self.skipped_nonfinite_steps} skipped so far).")
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics({"train/skipped_steps": float(self.skipped_nonfinite_steps)}, step=step)
 
     # ------------------------------------------------------------------ validation
 
