@@ -9,6 +9,7 @@ from diffusion_lightning.callbacks import (
     GradientActivationWatcher,
     PeriodicEvaluation,
     PredictionWriter,
+    ReconstructionLogger,
     RunSummary,
     SampleGridLogger,
     SamplingCallback,
@@ -16,6 +17,7 @@ from diffusion_lightning.callbacks import (
 )
 from diffusion_lightning.data import CIFAR10DataModule, ImageCaptionDataModule, MNISTDataModule
 from diffusion_lightning.modules import (
+    AutoencoderKLModule,
     ClassConditionedDDPM,
     DiffusionModule,
     DiffusionStepOutput,
@@ -48,6 +50,7 @@ __all__ = [
     "GradientActivationWatcher",
     "PeriodicEvaluation",
     "PredictionWriter",
+    "ReconstructionLogger",
     "RunSummary",
     "SampleGridLogger",
     "SamplingCallback",
@@ -56,6 +59,7 @@ __all__ = [
     "Conditions",
     "CIFAR10DataModule",
     "ImageCaptionDataModule",
+    "AutoencoderKLModule",
     "ClassConditionedDDPM",
     "KnowledgeDistillationModule",
     "LatentComponents",

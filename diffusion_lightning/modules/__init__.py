@@ -1,5 +1,6 @@
 """LightningModules."""
 
+from diffusion_lightning.modules.autoencoder import AutoencoderKLModule
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
@@ -9,6 +10,7 @@ from diffusion_lightning.modules.nonfinite import NonFiniteLossError
 from diffusion_lightning.modules.progressive import ProgressiveDistillationModule
 
 __all__ = [
+    "AutoencoderKLModule",
     "ClassConditionedDDPM",
     "DigitClassifier",
     "DiffusionModule",

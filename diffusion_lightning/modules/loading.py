@@ -3,7 +3,7 @@
 Every command and every teacher goes through here:
 
 - :func:`load_module` rebuilds the module a ``.ckpt`` was written by (whichever
-  :class:`DiffusionModule` subclass), with its EMA or raw weights;
+  :class:`DiffusionModule` subclass, or another module with ``export_pipeline``), with its EMA or raw weights;
 - :func:`load_pipeline_source` gives a diffusers pipeline and its sampling defaults from either a
   checkpoint or an exported pipeline folder (``export``, ``save_pretrained``), optionally checked
   to be of a given pipeline class and with another sampling scheduler.
@@ -27,6 +27,7 @@ from diffusers import DiffusionPipeline
 from huggingface_hub import HfApi
 from huggingface_hub.errors import GatedRepoError, HFValidationError, RepositoryNotFoundError
 from huggingface_hub.utils import validate_repo_id
+from lightning.pytorch import LightningModule
 
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.modules.base import DiffusionModule
@@ -107,8 +108,11 @@ def _unreadable(path: Path, error: BaseException) -> str:
     return f"checkpoint {str(path)!r} {what}; torch could not read it ({reason})."
 
 
-def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "checkpoint") -> type[DiffusionModule]:
-    """The :class:`DiffusionModule` subclass that wrote ``checkpoint``.
+def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "checkpoint") -> type[LightningModule]:
+    """The module class that wrote ``checkpoint``: a :class:`DiffusionModule` or another exportable module.
+
+    Any ``LightningModule`` with an ``export_pipeline`` method is accepted (e.g.
+    :class:`~diffusion_lightning.modules.autoencoder.AutoencoderKLModule`).
 
     Args:
         checkpoint: A checkpoint dictionary (:func:`read_checkpoint`).
@@ -116,7 +120,7 @@ def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "c
 
     Raises:
         ValueError: When the checkpoint records no class, or one that is not an importable
-            :class:`DiffusionModule` subclass.
+            ``LightningModule`` with an ``export_pipeline`` method.
     """
     hparams = checkpoint.get("hyper_parameters") or {}
     path = hparams.get("_class_path") or (checkpoint.get("diffusion_lightning") or {}).get("module_class")
@@ -125,12 +129,19 @@ def module_class(checkpoint: dict[str, Any], source: str | os.PathLike[str] = "c
             f"{str(source)!r} does not record its module class (no hyper_parameters._class_path or "
             "diffusion_lightning.module_class); was it written by diffusion_lightning?"
         )
-    return resolve_class(path, DiffusionModule, field=f"checkpoint {str(source)!r}: module class")
+    accepted = "accepted: a DiffusionModule subclass, or another LightningModule with export_pipeline"
+    try:
+        cls = resolve_class(path, LightningModule, field=f"checkpoint {str(source)!r}: module class")
+    except ValueError as error:
+        raise ValueError(f"{error} ({accepted})") from error
+    if not callable(getattr(cls, "export_pipeline", None)):
+        raise ValueError(f"checkpoint {str(source)!r}: class {path!r} has no export_pipeline method; {accepted}.")
+    return cls
 
 
 def load_module(
     path: str | os.PathLike[str], weights: str = "ema", map_location: str | torch.device = "cpu"
-) -> DiffusionModule:
+) -> LightningModule:
     """Rebuild the module saved in ``path`` with its weights, in eval mode.
 
     A run with the :class:`~diffusion_lightning.callbacks.ema.EMA` callback (or any Lightning weight
@@ -332,6 +343,11 @@ def load_pipeline_source(
         )
     if ckpt is not None:
         module = load_module(ckpt, weights=weights)
+        if not isinstance(module, DiffusionModule):
+            raise ValueError(
+                f"ckpt={os.fspath(ckpt)!r} holds a {type(module).__name__}, which has no sampling pipeline; "
+                "accepted: a checkpoint of a DiffusionModule."
+            )
         built = module.build_pipeline(scheduler)
         if expect is not None and not isinstance(built, expect):
             raise ValueError(
