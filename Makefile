@@ -6,12 +6,15 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR := outputs/demo
+T2I_DIR := outputs/demo_t2i
 JUDGE := outputs/classifier_mnist/checkpoints/last.ckpt
 
-.PHONY: help install demo test lint typecheck bench clean
+.PHONY: help install demo demo-t2i test lint typecheck bench clean
 
 help:
 	@echo "make demo       train the MNIST DDPM (~12 min on 2 CPU cores), export, sample and evaluate it in $(DEMO_DIR)/"
+	@echo "make demo-t2i   a latent text-to-image model on captioned digits: VAE, base model on 0-7, LoRA teaching 8 and 9,"
+	@echo "                export, sample and evaluate, in $(T2I_DIR)/ (~15 min on 2 CPU cores)"
 	@echo "make test       ruff + the test suite"
 	@echo "make lint       ruff + mypy"
 	@echo "make bench      the performance benchmarks in benchmarks/"
@@ -34,6 +37,30 @@ demo: $(STAMP) $(JUDGE)
 	$(BIN)/diffusion-lightning sample --pipeline $(DEMO_DIR)/pipeline --out $(DEMO_DIR) --n-per-class 8 --no-images
 	$(BIN)/diffusion-lightning evaluate --pipeline $(DEMO_DIR)/pipeline --judge $(JUDGE) --n-samples 500
 	@echo "demo outputs: $(DEMO_DIR)/samples.png $(DEMO_DIR)/pipeline/ $(DEMO_DIR)/metrics.json $(DEMO_DIR)/eval/"
+
+# VAE -> text-to-image base model on the digits 0-7 -> LoRA teaching 8 and 9 (50 examples each,
+# prior preservation) -> exports, samples and the judge's scores of every digit.
+demo-t2i: $(STAMP) $(JUDGE)
+	$(BIN)/diffusion-lightning fit --config configs/vae_digits.yaml --trainer.default_root_dir $(T2I_DIR)/vae_run
+	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/vae_run/checkpoints/last.ckpt --out $(T2I_DIR)/vae --overwrite
+	$(BIN)/diffusion-lightning fit --config configs/t2i_digits.yaml --trainer.default_root_dir $(T2I_DIR)/base_run \
+	  --model.init_args.components.pretrained_vae $(T2I_DIR)/vae --data.init_args.digits [0,1,2,3,4,5,6,7] \
+	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents
+	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/base_run/checkpoints/last.ckpt --out $(T2I_DIR)/pipeline --overwrite
+	rm -rf $(T2I_DIR)/lora_run
+	$(BIN)/diffusion-lightning fit --config configs/t2i_digits_lora.yaml --trainer.default_root_dir $(T2I_DIR)/lora_run \
+	  --model.init_args.pretrained $(T2I_DIR)/pipeline --model.init_args.prior_data_dir $(T2I_DIR)/prior
+	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/lora_run/checkpoints/last.ckpt --out $(T2I_DIR)/lora --overwrite
+	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/lora_run/checkpoints/last.ckpt --out $(T2I_DIR)/pipeline_lora \
+	  --merge-lora --overwrite
+	$(BIN)/diffusion-lightning sample --pipeline $(T2I_DIR)/pipeline_lora --out $(T2I_DIR)/samples --n-per-prompt 8 \
+	  --prompt "a handwritten digit zero" "the number 1 written by hand" "two" "3" "a handwritten digit four" \
+	  "the number 5 written by hand" "six" "7" "a handwritten digit eight" "the number 9 written by hand" --no-images
+	$(BIN)/diffusion-lightning evaluate --pipeline $(T2I_DIR)/pipeline --prompts configs/prompts/digits.txt \
+	  --judge $(JUDGE) --n-samples 400 --metrics judge --out $(T2I_DIR)/eval_base
+	$(BIN)/diffusion-lightning evaluate --pipeline $(T2I_DIR)/pipeline_lora --prompts configs/prompts/digits.txt \
+	  --judge $(JUDGE) --n-samples 500 --metrics judge --out $(T2I_DIR)/eval_lora
+	@echo "demo outputs: $(T2I_DIR)/samples/samples.png $(T2I_DIR)/pipeline/ $(T2I_DIR)/lora/ $(T2I_DIR)/eval_base/ $(T2I_DIR)/eval_lora/"
 
 test: $(STAMP)
 	$(BIN)/ruff check .

@@ -12,7 +12,7 @@ from lightning.pytorch import Trainer
 from torch.utils.data import DataLoader
 from torchmetrics.functional.image import structural_similarity_index_measure
 
-from diffusion_lightning import EMA, AutoencoderKLModule, MNISTDataModule, ReconstructionLogger
+from diffusion_lightning import EMA, AutoencoderKLModule, ImageCaptionDataModule, MNISTDataModule, ReconstructionLogger
 from diffusion_lightning.cli import main
 from diffusion_lightning.modules.loading import load_module, load_pipeline_source, module_class
 from diffusion_lightning.utils.seeding import mix_seed
@@ -107,9 +107,10 @@ def test_scaling_factor_is_one_over_the_latent_std_of_the_training_data(smoke_ru
     module = load_module(smoke_run / "checkpoints" / "last.ckpt")
     factor = module.scaling_factor
     assert factor != 1.0 and module.vae.config.scaling_factor == pytest.approx(factor)
-    dm = MNISTDataModule(source="embedded", batch_size=16)  # the smoke config's data
+    dm = ImageCaptionDataModule(source="embedded", resolution=16, max_samples=256, batch_size=16)  # the smoke config's
     dm.setup("fit")
-    loader = DataLoader(dm.datasets["train"], batch_size=16, shuffle=False)
+    train = dm.datasets["train"]
+    loader = DataLoader(train, batch_size=16, shuffle=False, collate_fn=dm.collate(train))
     latents = []
     with torch.no_grad():
         for index, batch in zip(range(2), loader):  # scale_batches: 2
@@ -130,6 +131,11 @@ def test_export_loads_with_the_scaling_factor_and_reproduces_the_decode(smoke_ru
         torch.testing.assert_close(loaded.decode(latents).sample, module.vae.decode(latents).sample)
     with pytest.raises(SystemExit, match="not a pipeline"):  # export's --out rules hold
         main(["export", "--ckpt", str(ckpt), "--out", str(smoke_run / "checkpoints")])
+    with pytest.raises(SystemExit, match="already holds a pipeline; add --overwrite"):
+        main(["export", "--ckpt", str(ckpt), "--out", str(out)])
+    (out / "config.json").write_text("{}")  # replaced as a whole with --overwrite
+    main(["export", "--ckpt", str(ckpt), "--out", str(out), "--overwrite"])
+    assert AutoencoderKL.from_pretrained(out).config.scaling_factor == pytest.approx(module.scaling_factor)
 
 
 def test_loading_accepts_exportable_modules_only(smoke_run):

@@ -360,9 +360,9 @@ def test_predict_serves_each_prompt_in_order_with_its_position_in_the_whole_list
     assert not dm.datasets  # given prompts, nothing is read
 
 
-def test_predict_prompts_file_leaves_out_blank_and_comment_lines(tmp_path):
+def test_predict_prompts_file_leaves_out_comments_and_refuses_blank_lines_between_prompts(tmp_path):
     path = tmp_path / "prompts.txt"
-    path.write_text("# the first prompts\na red square\n\n   \n  # indented comment\na blue circle  \n#\nthe end")
+    path.write_text("\n# the first prompts\na red square\n  # indented comment\na blue circle  \n#\nthe end\n\n")
     batches = predict_batches(ImageCaptionDataModule(predict_prompts_file=str(path), eval_batch_size=2))
     assert [b["prompts"] for b in batches] == [["a red square", "a blue circle"], ["the end"]]
     assert torch.cat([b["index"] for b in batches]).tolist() == [0, 1, 2]
@@ -371,6 +371,9 @@ def test_predict_prompts_file_leaves_out_blank_and_comment_lines(tmp_path):
         missing.predict_dataloader()
     path.write_text("\n# only comments\n\n")
     with pytest.raises(ValueError, match=r"predict_prompts_file='.*prompts\.txt' holds no prompt"):
+        ImageCaptionDataModule(predict_prompts_file=str(path)).predict_dataloader()
+    path.write_text("a red square\n\na blue circle\n")
+    with pytest.raises(ValueError, match=r"predict_prompts_file='.*prompts\.txt': line 2 is blank between prompts"):
         ImageCaptionDataModule(predict_prompts_file=str(path)).predict_dataloader()
 
 

@@ -27,7 +27,7 @@ OVERLAY_BASES = {
 
 @pytest.fixture(scope="module")
 def local_sd(tmp_path_factory) -> list[str]:
-    """Overrides that point the GPU Stable Diffusion configs at a tiny local model and caption folder, on CPU."""
+    """Overrides that point the GPU Stable Diffusion configs at a tiny local model, caption folder and VAE, on CPU."""
     import PIL.Image
     from diffusers import StableDiffusionPipeline
 
@@ -41,9 +41,11 @@ def local_sd(tmp_path_factory) -> list[str]:
     (root / "data").mkdir()
     PIL.Image.new("RGB", (20, 20), "white").save(root / "data" / "a.png")
     (root / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a white square"}) + "\n")
+    parts["vae"].save_pretrained(root / "vae")
     return [
         "--model.init_args.pretrained", str(root / "model"), "--data.init_args.root", str(root / "data"),
         "--trainer.accelerator", "cpu", "--trainer.precision", "32",
+        "--model.init_args.components.pretrained_vae", str(root / "vae"),
     ]  # fmt: skip
 
 
@@ -67,8 +69,11 @@ def config_args(config: Path, local_sd: list[str] | None = None, local_teacher: 
     model = yaml.safe_load(config.read_text()).get("model") or {}
     if "class_path" in model:
         init = model.get("init_args") or {}
+        local = local_sd or []
+        at = local.index("--model.init_args.components.pretrained_vae") if local else 0
         extra = [
-            *(local_sd or [] if init.get("pretrained") else []),
+            *(local[:at] if init.get("pretrained") else []),
+            *(local[at:] if (init.get("components") or {}).get("pretrained_vae") else []),
             *(local_teacher or [] if init.get("teacher") else []),
         ]
         return ["--config", str(config), *extra]

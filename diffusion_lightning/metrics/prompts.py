@@ -1,9 +1,10 @@
 """Prompts for evaluating text-to-image models, and the digit each one asks for.
 
-A prompts file holds one prompt per line; blank lines and lines starting with ``#`` are ignored,
-and ``prompt<TAB>class`` gives a prompt's class explicitly. The digit judge scores a prompt's
-samples against its class: the explicit one, else the one digit the prompt names, as a numeral
-(``7``) or an English word (``seven``, see :data:`~diffusion_lightning.data.captions.DIGIT_NAMES`).
+A prompts file holds one prompt per line; lines starting with ``#`` are ignored (a blank line
+between prompts is an error: it reads as an empty prompt), and ``prompt<TAB>class`` gives a
+prompt's class explicitly. The digit judge scores a prompt's samples against its class: the
+explicit one, else the one digit the prompt names, as a numeral (``7``) or an English word
+(``seven``, see :data:`~diffusion_lightning.data.captions.DIGIT_NAMES`).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from diffusion_lightning.data.caption_sources import prompt_lines
 from diffusion_lightning.data.captions import DIGIT_NAMES
 
 __all__ = ["PromptSet", "digits_in", "prompt_classes", "read_prompts", "shorten"]
@@ -21,7 +23,7 @@ __all__ = ["PromptSet", "digits_in", "prompt_classes", "read_prompts", "shorten"
 _NUMERAL = re.compile(r"(?<![\w.])(\d)(?![\w]|\.\d)")
 _WORD = re.compile(r"\b(" + "|".join(DIGIT_NAMES) + r")\b", re.IGNORECASE)
 
-FORMAT = "one prompt per line, optionally 'prompt<TAB>class'; blank lines and lines starting with # are ignored"
+FORMAT = "one prompt per line, optionally 'prompt<TAB>class'; lines starting with # are ignored"
 
 
 @dataclass(frozen=True)
@@ -50,10 +52,11 @@ def read_prompts(path: str | os.PathLike[str]) -> PromptSet:
         raise FileNotFoundError(f"prompts file {str(path)!r} does not exist; expected a text file with {FORMAT}.")
     prompts: dict[str, int] = {}
     classes: dict[str, int] = {}
-    for number, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
+    try:
+        lines = prompt_lines(path, "--prompts")
+    except ValueError as err:
+        raise ValueError(f"{err} Expected {FORMAT}.") from None
+    for number, raw in lines:
         where = f"prompts file {str(path)!r}, line {number}"
         prompt, *rest = (part.strip() for part in raw.split("\t"))
         if not prompt:
@@ -71,8 +74,6 @@ def read_prompts(path: str | os.PathLike[str]) -> PromptSet:
                     "after the tab."
                 )
             classes[prompt] = int(value)
-    if not prompts:
-        raise ValueError(f"prompts file {str(path)!r} holds no prompt; expected {FORMAT}.")
     return PromptSet(tuple(prompts), classes)
 
 

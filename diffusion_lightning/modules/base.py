@@ -239,8 +239,9 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         generator: torch.Generator,
         timesteps: torch.Tensor | None = None,
         noise: torch.Tensor | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> DiffusionStepOutput:
-        """Noise ``sample`` at random (or given) timesteps, predict and compute the loss."""
+        """Noise ``sample`` at random (or given) timesteps, predict, and weigh the loss by ``sample_weights``."""
         if noise is None:
             noise = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             if self.noise_offset:
@@ -258,6 +259,8 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         weights = None
         if self.snr_gamma is not None:
             weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.snr_gamma, self.prediction_type)
+        if sample_weights is not None:
+            weights = sample_weights if weights is None else weights * sample_weights
         loss, per_sample = diffusion_loss(
             prediction, target, loss_type=self.loss_type, weights=weights, huber_c=self.huber_c
         )

@@ -21,6 +21,7 @@ from typing_extensions import override
 
 from diffusion_lightning.losses import PredictionType, check_choice
 from diffusion_lightning.modules.base import BetaSchedule, DiffusionModule
+from diffusion_lightning.modules.prior import PriorImages, prepare_prior, prior_training_step
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.nets.latent import (
     LatentComponents,
@@ -89,6 +90,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         class_names: Accepted for the CLI's data links; unused.
         prediction_type: ``epsilon``, ``v_prediction`` or ``sample``; default the pretrained
             scheduler's (else ``epsilon``).
+        prior_data_dir: DreamBooth prior preservation (:mod:`~diffusion_lightning.modules.prior`): a folder
+            of class images with a ``metadata.jsonl`` (``file_name``, ``text``); each training batch gets as
+            many of them, and their loss counts ``prior_loss_weight`` times (logged as
+            ``train/instance_loss`` and ``train/prior_loss``).
+        prior_prompts: Prompts the base model draws missing class images from, at the start of training.
+        num_prior_images: Top ``prior_data_dir`` up to this many images; ``None``: use it as it is.
+        prior_loss_weight: Weight of the class images' loss.
         **kwargs: Training-core options of :class:`~diffusion_lightning.modules.base.DiffusionModule`
             (learning rate, optimizer, min-SNR, noise offset, input perturbation, sampler, ...).
     """
@@ -123,6 +131,10 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         beta_schedule: BetaSchedule = "scaled_linear",
         beta_start: float = 0.00085,
         beta_end: float = 0.012,
+        prior_data_dir: str | None = None,
+        prior_prompts: list[str] | None = None,
+        num_prior_images: int | None = None,
+        prior_loss_weight: float = 1.0,
         **kwargs: Any,
     ) -> None:
         # The CLI checks these from the annotations; a Python caller is checked here.
@@ -134,6 +146,10 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
             raise ValueError(f"lora_rank={lora_rank!r} must be >= 1.")
         if in_channels != 3:
             raise ValueError(f"in_channels={in_channels!r}: the VAE encodes RGB images; use 3.")
+        if prior_loss_weight < 0:
+            raise ValueError(f"prior_loss_weight={prior_loss_weight!r} must be >= 0.")
+        if (prior_prompts is not None or num_prior_images is not None) and not prior_data_dir:
+            raise ValueError("prior_prompts and num_prior_images need prior_data_dir, the folder of the class images.")
         if text_encoder_learning_rate is not None and text_encoder_learning_rate <= 0:
             raise ValueError(f"text_encoder_learning_rate={text_encoder_learning_rate!r} must be > 0 or None.")
         negatives, positives = len(validation_negative_prompts or []), len(validation_prompts or [])
@@ -186,6 +202,8 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
+        self.prior_loss_weight = prior_loss_weight
+        self.prior = PriorImages(prior_data_dir, prior_prompts, num_prior_images) if prior_data_dir else None
 
     # ------------------------------------------------------------------ set-up
 
@@ -300,6 +318,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         return self.encode_images(batch["images"], generator, batch.get("keys")), input_ids.to(self.device)
 
     @override
+    def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
+        """The core's step; with prior preservation, on the batch plus as many class images (DreamBooth's loss)."""
+        if self.prior is None:
+            return super().training_step(batch, batch_idx)
+        return prior_training_step(self, batch, batch_idx)
+
+    @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         hidden = self.encode_prompt_ids(condition)
         return self.unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
@@ -328,6 +353,8 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
     @override
     def on_fit_start(self) -> None:
         super().on_fit_start()
+        if self.prior is not None:
+            prepare_prior(self)
         data = getattr(self.trainer, "datamodule", None)
         if self.latent_cache_dir and (getattr(data, "random_flip", False) or not getattr(data, "center_crop", True)):
             raise ValueError(

@@ -15,6 +15,7 @@ import functools
 import json
 import os
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -53,11 +54,49 @@ def _bytes_to_unicode() -> dict[int, str]:
     return dict(zip(printable, (chr(c) for c in chars)))
 
 
-def write_byte_level_tokenizer(folder: str | os.PathLike[str], model_max_length: int = 77) -> Path:
+def _segment(word: str, ranks: dict[tuple[str, str], int]) -> list[str]:
+    """BPE of one lower-case ASCII word under ``ranks`` (the merges so far), as ``CLIPTokenizer.bpe`` does it."""
+    symbols = [*word[:-1], word[-1] + "</w>"]
+    while len(symbols) > 1:
+        rank, at = min((ranks.get(pair, len(ranks)), i) for i, pair in enumerate(zip(symbols, symbols[1:])))
+        if rank == len(ranks):
+            break
+        first, second = symbols[at], symbols[at + 1]
+        merged, i = [], 0
+        while i < len(symbols):  # every occurrence of the best pair, left to right
+            if i + 1 < len(symbols) and (symbols[i], symbols[i + 1]) == (first, second):
+                merged.append(first + second)
+                i += 2
+            else:
+                merged.append(symbols[i])
+                i += 1
+        symbols = merged
+    return symbols
+
+
+def word_merges(words: Sequence[str], merges: Sequence[str] = MERGES) -> list[str]:
+    """``merges`` plus the merges that make each of ``words`` one token (joining its pieces left to right)."""
+    merges = list(merges)
+    for word in words:
+        if not (word.isascii() and word.isalpha() and word.islower()):
+            raise ValueError(f"components.words: {word!r} is not accepted; expected lower-case ASCII letters.")
+        ranks = {tuple(m.split()): i for i, m in enumerate(merges)}
+        pieces = _segment(word, ranks)
+        while len(pieces) > 1:
+            merges.append(f"{pieces[0]} {pieces[1]}")
+            pieces[:2] = [pieces[0] + pieces[1]]
+    return merges
+
+
+def write_byte_level_tokenizer(
+    folder: str | os.PathLike[str], model_max_length: int = 77, words: Sequence[str] = ()
+) -> Path:
     """Write a CLIP tokenizer over raw bytes (any text tokenizes; ~530 tokens) to ``folder``.
 
     Real checkpoints ship a 49k-token vocabulary; this one exists so that tiny models run
-    offline with the real ``CLIPTokenizer`` code path.
+    offline with the real ``CLIPTokenizer`` code path. ``words`` become single tokens: a randomly
+    initialised text encoder then gives each its own embedding, where spelled-out words that share
+    letters ("three", "eight") start out close.
     """
     from transformers import CLIPTokenizer
 
@@ -65,13 +104,14 @@ def write_byte_level_tokenizer(folder: str | os.PathLike[str], model_max_length:
     folder.mkdir(parents=True, exist_ok=True)
     characters = list(_bytes_to_unicode().values())
     tokens = characters + [c + "</w>" for c in characters]
-    for merge in MERGES:
+    merges = word_merges(words)
+    for merge in merges:
         merged = merge.replace(" ", "")
         if merged not in tokens:
             tokens.append(merged)
     tokens += [BOS, EOS]
     (folder / "vocab.json").write_text(json.dumps({t: i for i, t in enumerate(tokens)}, ensure_ascii=False), "utf-8")
-    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(MERGES) + "\n", encoding="utf-8")
+    (folder / "merges.txt").write_text("#version: 0.2\n" + "\n".join(merges) + "\n", encoding="utf-8")
     tokenizer = CLIPTokenizer(
         vocab=str(folder / "vocab.json"), merges=str(folder / "merges.txt"), model_max_length=model_max_length
     )
@@ -80,8 +120,9 @@ def write_byte_level_tokenizer(folder: str | os.PathLike[str], model_max_length:
 
 
 @functools.cache
-def _byte_level_tokenizer_folder(model_max_length: int) -> Path:
-    return write_byte_level_tokenizer(Path(tempfile.mkdtemp(prefix="byte-level-tokenizer-")), model_max_length)
+def _byte_level_tokenizer_folder(model_max_length: int, words: tuple[str, ...] = ()) -> Path:
+    folder = Path(tempfile.mkdtemp(prefix="byte-level-tokenizer-"))
+    return write_byte_level_tokenizer(folder, model_max_length, words)
 
 
 def _tiny_unet() -> dict[str, Any]:
@@ -126,13 +167,19 @@ class LatentComponents:
     """``UNet2DConditionModel`` arguments (``in_channels``/``out_channels`` follow the VAE's latents,
     ``cross_attention_dim`` the text encoder's width)."""
     vae: dict[str, Any] = field(default_factory=_tiny_vae)
-    """``AutoencoderKL`` arguments."""
+    """``AutoencoderKL`` arguments (not used with ``pretrained_vae``)."""
+    pretrained_vae: str | None = None
+    """An ``AutoencoderKL`` folder (e.g. what ``AutoencoderKLModule`` exports) or hub id to use instead
+    of a random ``vae``; its ``scaling_factor`` scales the latents."""
     text_encoder: dict[str, Any] = field(default_factory=_tiny_text_encoder)
     """``CLIPTextConfig`` arguments (vocabulary size, token ids and positions follow the tokenizer)."""
     tokenizer: str = "byte-level"
     """A tokenizer folder, or ``byte-level`` for :func:`write_byte_level_tokenizer`'s."""
     model_max_length: int = 77
     """Maximum prompt length in tokens of the ``byte-level`` tokenizer."""
+    words: list[str] = field(default_factory=list)
+    """Words the ``byte-level`` tokenizer keeps whole, one token each (lower-case ASCII letters): the
+    vocabulary of the captions, so that a random text encoder tells apart words that share letters."""
     scheduler: dict[str, Any] = field(default_factory=dict)
     """``DDPMScheduler`` arguments (the module's noise-schedule arguments apply on top)."""
     seed: int = 0
@@ -149,7 +196,8 @@ def build_components(config: LatentComponents | dict[str, Any] | None = None) ->
     elif isinstance(config, dict):
         config = LatentComponents(**config)
     if config.tokenizer == "byte-level":
-        tokenizer = CLIPTokenizer.from_pretrained(_byte_level_tokenizer_folder(config.model_max_length))
+        folder = _byte_level_tokenizer_folder(config.model_max_length, tuple(config.words))
+        tokenizer = CLIPTokenizer.from_pretrained(folder)
     else:
         if not Path(config.tokenizer).is_dir():
             raise FileNotFoundError(f"components.tokenizer={config.tokenizer!r} is not a folder (or 'byte-level').")
@@ -166,7 +214,7 @@ def build_components(config: LatentComponents | dict[str, Any] | None = None) ->
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)
-        vae = AutoencoderKL(**config.vae)
+        vae = _pretrained_vae(config.pretrained_vae) if config.pretrained_vae else AutoencoderKL(**config.vae)
         text_encoder = CLIPTextModel(text_config)
         unet_kwargs = {
             "in_channels": vae.config.latent_channels,
@@ -176,7 +224,31 @@ def build_components(config: LatentComponents | dict[str, Any] | None = None) ->
         }
         unet = UNet2DConditionModel(**unet_kwargs)
     scheduler = DDPMScheduler(**config.scheduler)
+    vae_source = f"components.pretrained_vae={config.pretrained_vae!r}" if config.pretrained_vae else "components.vae"
+    check_latent_channels(unet, vae, "components.unet", vae_source)
     return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+
+
+def _pretrained_vae(source: str) -> Any:
+    from diffusers import AutoencoderKL
+
+    if Path(source).exists() and not (Path(source) / "config.json").is_file():
+        raise FileNotFoundError(
+            f"components.pretrained_vae={source!r} holds no config.json; expected an AutoencoderKL folder "
+            "(as written by AutoencoderKL.save_pretrained or `diffusion-lightning export` of an AutoencoderKLModule)."
+        )
+    return AutoencoderKL.from_pretrained(source)
+
+
+def check_latent_channels(unet: Any, vae: Any, unet_source: str, vae_source: str) -> None:
+    """Raise a ``ValueError`` naming both sources when the UNet does not take the VAE's latents."""
+    latent, unet_in, unet_out = vae.config.latent_channels, unet.config.in_channels, unet.config.out_channels
+    if unet_in != latent or unet_out != latent:
+        raise ValueError(
+            f"{unet_source} has in_channels={unet_in}, out_channels={unet_out} but the VAE of {vae_source} makes "
+            f"latents of latent_channels={latent}; the UNet must take and predict {latent} channels "
+            "(drop in_channels/out_channels from the UNet to follow the VAE)."
+        )
 
 
 def _check_subfolders(pretrained: str) -> None:
@@ -205,13 +277,16 @@ def load_components(
     weights: dict[str, Any] = {**common, "variant": variant}
     if torch_dtype is not None:
         weights["torch_dtype"] = torch_dtype
-    return {
+    parts = {
         "tokenizer": CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
         "text_encoder": CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
         "vae": AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
         "unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
         "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
     }
+    where = f"pretrained={pretrained!r}"
+    check_latent_channels(parts["unet"], parts["vae"], f"the unet of {where}", f"the vae of {where}")
+    return parts
 
 
 def add_lora_adapters(
