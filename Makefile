@@ -45,21 +45,23 @@ demo-t2i: $(STAMP) $(JUDGE)
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/vae_run/checkpoints/last.ckpt --out $(T2I_DIR)/vae --overwrite
 	$(BIN)/diffusion-lightning fit --config configs/t2i_digits.yaml --trainer.default_root_dir $(T2I_DIR)/base_run \
 	  --model.init_args.components.pretrained_vae $(T2I_DIR)/vae --data.init_args.digits [0,1,2,3,4,5,6,7] \
-	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents --trainer.max_steps 900
+	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents --trainer.max_steps 700
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/base_run/checkpoints/last.ckpt --out $(T2I_DIR)/pipeline --overwrite
-	rm -rf $(T2I_DIR)/lora_run
+	rm -rf $(T2I_DIR)/lora_run $(T2I_DIR)/prior  # the class images come from this run's base model
 	$(BIN)/diffusion-lightning fit --config configs/t2i_digits_lora.yaml --trainer.default_root_dir $(T2I_DIR)/lora_run \
-	  --model.init_args.pretrained $(T2I_DIR)/pipeline --model.init_args.prior_data_dir $(T2I_DIR)/prior
+	  --model.init_args.pretrained $(T2I_DIR)/pipeline --model.init_args.prior_data_dir $(T2I_DIR)/prior \
+	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/lora_run/checkpoints/last.ckpt --out $(T2I_DIR)/lora --overwrite
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/lora_run/checkpoints/last.ckpt --out $(T2I_DIR)/pipeline_lora \
 	  --merge-lora --overwrite
 	$(BIN)/diffusion-lightning sample --pipeline $(T2I_DIR)/pipeline_lora --out $(T2I_DIR)/samples --n-per-prompt 8 \
 	  --prompt "a handwritten digit zero" "the number 1 written by hand" "two" "3" "a handwritten digit four" \
-	  "the number 5 written by hand" "six" "7" "a handwritten digit eight" "the number 9 written by hand" --no-images
+	  "the number 5 written by hand" "six" "7" "a handwritten digit eight" "the number 9 written by hand" --no-images \
+	  --guidance-scale 3
 	$(BIN)/diffusion-lightning evaluate --pipeline $(T2I_DIR)/pipeline --prompts configs/prompts/digits.txt \
-	  --judge $(JUDGE) --n-samples 300 --metrics judge --out $(T2I_DIR)/eval_base
+	  --judge $(JUDGE) --n-samples 200 --metrics judge --guidance-scale 3 --out $(T2I_DIR)/eval_base
 	$(BIN)/diffusion-lightning evaluate --pipeline $(T2I_DIR)/pipeline_lora --prompts configs/prompts/digits.txt \
-	  --judge $(JUDGE) --n-samples 300 --metrics judge --out $(T2I_DIR)/eval_lora
+	  --judge $(JUDGE) --n-samples 200 --metrics judge --guidance-scale 3 --out $(T2I_DIR)/eval_lora
 	@echo "demo outputs: $(T2I_DIR)/samples/samples.png $(T2I_DIR)/pipeline/ $(T2I_DIR)/lora/ $(T2I_DIR)/eval_base/ $(T2I_DIR)/eval_lora/"
 
 test: $(STAMP)

@@ -43,6 +43,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import torch  # noqa: E402
+import yaml  # noqa: E402
 from lightning.pytorch import Callback  # noqa: E402
 from quality_mnist import WallClockSnapshots, table  # noqa: E402
 
@@ -190,17 +191,29 @@ def part_base(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, Any]
 # ---------------------------------------------------------------------------------------------- fine-tuning
 
 
+def lora_config() -> dict[str, Any]:
+    return yaml.safe_load((REPO / "configs/t2i_digits_lora.yaml").read_text())
+
+
+def finetune_guidance(args: argparse.Namespace) -> float:
+    """``--guidance-scale``, else the fine-tuning config's."""
+    return float(lora_config()["model"]["init_args"]["guidance_scale"] if args.guidance_scale is None
+                 else args.guidance_scale)  # fmt: skip
+
+
 def finetune(args: argparse.Namespace, out: Path, mode: str) -> dict[str, Any]:
     """Run one fine-tune in a child process; return its timing record."""
     variant, _, prior = mode.partition("+")
     training_mode = "lora" if variant.startswith("lora") else variant
     run = out / "finetune" / mode.replace("+", "_")
     argv = ["fit", "--config", str(REPO / "configs/t2i_digits_lora.yaml"), "--trainer.default_root_dir", str(run),
-            "--trainer.enable_progress_bar", "false", "--trainer.max_steps", str(args.finetune_steps),
+            "--trainer.enable_progress_bar", "false",
             "--model.init_args.pretrained", str(out / "base07" / "pipeline"),
             "--model.init_args.training_mode", training_mode,
             "--model.init_args.learning_rate", str(LEARNING_RATES[variant]),
             "--model.init_args.latent_cache_dir", str(out / "latents")]  # fmt: skip
+    if args.finetune_steps:
+        argv += ["--trainer.max_steps", str(args.finetune_steps)]
     if variant == "lora_attention":  # SD's usual targets only
         argv += ["--model.init_args.lora_target_modules", "[to_k, to_q, to_v, to_out.0]"]
     if prior:
@@ -230,7 +243,7 @@ def part_finetune(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, 
          "--overwrite"])  # fmt: skip
     old, new = scorer(args, judge, OLD, args.n_per_prompt), scorer(args, judge, NEW, args.n_per_prompt)
     base_module = load_module(base / "run" / "checkpoints" / "last.ckpt")
-    scale = args.guidance_scale
+    scale = finetune_guidance(args)  # one guidance for every row: retention compares like with like
     reference = {"old": judged(old, base_module, scale), "new": judged(new, base_module, scale)}
     print(f"base (0-7): {reference}", flush=True)
     rows = [{"mode": "base (0-7)", "new_accuracy": reference["new"]["accuracy"],
@@ -238,7 +251,7 @@ def part_finetune(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, 
     for mode in args.modes:
         timing = finetune(args, out, mode)
         module = load_module(out / "finetune" / mode.replace("+", "_") / "checkpoints" / "last.ckpt")
-        scores_new, scores_old = judged(new, module, args.guidance_scale), judged(old, module, args.guidance_scale)
+        scores_new, scores_old = judged(new, module, scale), judged(old, module, scale)
         rows.append({
             "mode": mode, "new_accuracy": scores_new["accuracy"], "new_per_digit": scores_new["per_digit"],
             "old_accuracy": scores_old["accuracy"], "old_weakest": scores_old["weakest"],
@@ -248,9 +261,10 @@ def part_finetune(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, 
             "process_seconds": round(timing["process_seconds"], 1),
         })  # fmt: skip
         print(rows[-1], flush=True)
-    print(table(f"teaching 8 and 9 ({args.finetune_steps} steps, 100 examples; judge, DPM-Solver++ 20 steps)",
+    steps = args.finetune_steps or lora_config()["trainer"]["max_steps"]
+    print(table(f"teaching 8 and 9 ({steps} steps, 100 examples; judge, DPM-Solver++ 20 steps, guidance {scale})",
                 [{k: v for k, v in r.items() if k != "new_per_digit"} for r in rows]))  # fmt: skip
-    return {"base": reference, "rows": rows, "steps": args.finetune_steps}
+    return {"base": reference, "rows": rows, "steps": steps, "guidance_scale": scale}
 
 
 # ---------------------------------------------------------------------------------------------- demo
@@ -280,7 +294,7 @@ def part_demo(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, Any]
     """The demo's exports in a diffusers-only process: the base pipeline, then with the LoRA loaded."""
     demo = REPO / "outputs/demo_t2i"
     target = out / "demo_images.pt"
-    guidance = 7.0 if args.guidance_scale is None else args.guidance_scale
+    guidance = finetune_guidance(args)
     subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, str(demo / "pipeline"), str(demo / "lora"), str(target),
                     str(args.n_per_prompt), str(guidance), *PROMPTS], check=True)  # fmt: skip
     drawn = torch.load(target, weights_only=True)
@@ -342,8 +356,12 @@ def main() -> None:
     parser.add_argument("--n-per-prompt", type=int, default=20, help="samples per prompt per snapshot / mode")
     parser.add_argument("--final-per-prompt", type=int, default=50, help="samples per prompt for the final score")
     parser.add_argument("--modes", nargs="+", choices=MODES, default=list(MODES))
-    parser.add_argument("--finetune-steps", type=int, default=300)
-    parser.add_argument("--guidance-scale", type=float, help="sampling guidance (default: each model's own)")
+    parser.add_argument("--finetune-steps", type=int, help="fine-tuning steps (default: the LoRA config's)")
+    parser.add_argument(
+        "--guidance-scale",
+        type=float,
+        help="sampling guidance (default: each base model's own; the LoRA config's for fine-tuning)",
+    )
     parser.add_argument("--judge", default=str(JUDGE_DIR / "checkpoints" / "last.ckpt"))
     parser.add_argument("--out", default=str(REPO / "outputs/bench/t2i_digits"))
     parser.add_argument("--retrain", action="store_true", help="train again what OUT already holds")

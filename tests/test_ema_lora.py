@@ -41,8 +41,8 @@ class AdapterRecorder(Callback):
 
 
 def exported(folder) -> dict[str, torch.Tensor]:
-    """The adapters of an export, under the module's peft names (diffusers writes ``lora.down``/``lora.up``)."""
-    names = {".lora.down.": ".lora_A.default.", ".lora.up.": ".lora_B.default."}
+    """The adapters of an export, under the module's peft names (the file has no adapter name)."""
+    names = {".lora_A.": ".lora_A.default.", ".lora_B.": ".lora_B.default."}
     renamed = {}
     for name, value in load_file(folder / ADAPTERS).items():
         for theirs, ours in names.items():

@@ -182,3 +182,50 @@ def test_resuming_without_the_class_images_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"lacks 2 class image\(s\), but this run resumes from '.*step2.ckpt': "
                        r"they must come from the base model"):  # fmt: skip
         resumed.fit(module, loader(), ckpt_path=ckpt)
+
+
+def test_class_image_keys_follow_their_content_so_a_latent_cache_never_serves_a_redrawn_file(tmp_path):
+    module = LatentDiffusionModule(num_inference_steps=2)
+    prior = PriorImages(str(tmp_path / "prior"), ["a seven", "a one"], 2, seed=1)
+    prior.generate(module, 2)
+    prior.load(16)
+    keys = list(prior.keys)
+    assert len(set(keys)) == 2 and all(k.startswith("prior/") for k in keys)
+    first = tmp_path / "prior" / "000000.png"
+    first.write_bytes((tmp_path / "prior" / "000001.png").read_bytes())  # the file redrawn
+    prior.load(16)
+    assert prior.keys[0] != keys[0] and prior.keys[0] == prior.keys[1] == keys[1]
+
+
+def test_lora_on_the_pooled_text_path_exports_and_loads_with_load_lora_weights(tmp_path):
+    """The digits LoRA adapts ``add_embedding`` and ``time_emb_proj`` too: diffusers must load those adapters."""
+    from diffusers import StableDiffusionPipeline
+
+    from diffusion_lightning.commands import export
+    from diffusion_lightning.nets.latent import _tiny_unet
+    from tests.test_latent import images
+
+    components = {"unet": {**_tiny_unet(), "addition_embed_type": "text", "addition_embed_type_num_heads": 4}}
+    targets = ["to_k", "to_q", "to_v", "to_out.0", "conv1", "conv2", "time_emb_proj", "add_embedding.pool.k_proj",
+               "add_embedding.pool.q_proj", "add_embedding.pool.v_proj", "add_embedding.proj"]  # fmt: skip
+    module = LatentDiffusionModule(components=components, training_mode="lora", lora_rank=2,
+                                   lora_target_modules=targets, learning_rate=5e-2, num_inference_steps=2)  # fmt: skip
+    trainer = quiet_trainer(tmp_path / "run", max_steps=3, limit_val_batches=0)
+    trainer.fit(module, loader())
+    adapted = {n for n, p in module.unet.named_parameters() if p.requires_grad}
+    for target in ("add_embedding.proj", "add_embedding.pool.k_proj", "mid_block.resnets.0.time_emb_proj"):
+        assert any(n.startswith(f"{target}.lora_B") for n in adapted), target
+    trainer.save_checkpoint(tmp_path / "lora.ckpt")
+    export.main(["--ckpt", str(tmp_path / "lora.ckpt"), "--out", str(tmp_path / "lora")])
+
+    pipeline = StableDiffusionPipeline(**build_components(components), safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)  # fmt: skip
+    pipeline.scheduler = module.sampling_scheduler()
+    plain = images(pipeline)
+    pipeline.load_lora_weights(tmp_path / "lora")
+    loaded = {n for n, _ in pipeline.unet.named_parameters() if "lora_B" in n}
+    trained = {n.replace(".default", "") for n in adapted if "lora_B" in n}
+    assert {n.replace(".default_0", "") for n in loaded} == trained  # every adapter loaded, none left uninitialised
+    adapted_images = images(pipeline)
+    assert (adapted_images - plain).abs().max() > 1e-4
+    torch.testing.assert_close(adapted_images, images(module.build_pipeline()), atol=1e-5, rtol=1e-4)

@@ -12,6 +12,8 @@ component for this (it lives inside its ``main``), hence this file.
 
 from __future__ import annotations
 
+import hashlib
+import io
 import json
 import os
 from pathlib import Path
@@ -65,8 +67,10 @@ class PriorImages:
             except json.JSONDecodeError as err:
                 where = f"prior_data_dir: {str(self.metadata_file)!r}, line {number}"
                 raise ValueError(f"{where} is not JSON ({err}).") from err
-            if not isinstance(entry, dict) or not isinstance(entry.get("file_name"), str) or not isinstance(
-                entry.get("text"), str
+            if (
+                not isinstance(entry, dict)
+                or not isinstance(entry.get("file_name"), str)
+                or not isinstance(entry.get("text"), str)
             ):
                 raise ValueError(
                     f"prior_data_dir: {str(self.metadata_file)!r}, line {number}: expected an object with "
@@ -147,22 +151,24 @@ class PriorImages:
         return todo
 
     def load(self, resolution: int) -> None:
-        """Read the images (RGB, resized to ``resolution``, in ``[-1, 1]``) and their prompts into memory."""
+        """Read the images (RGB, ``resolution`` square, in ``[-1, 1]``), prompts and content keys into memory."""
         from PIL import Image
 
         records = self.records()
         if not records:
             self.check()
-        tensors = []
+        tensors, self.keys = [], []
         for record in records:
-            with Image.open(self.folder / record["file_name"]) as image:
+            data = (self.folder / record["file_name"]).read_bytes()
+            # keyed by content: a latent cache must not serve an old image's latents for a redrawn file
+            self.keys.append(f"prior/{hashlib.sha1(data).hexdigest()}")
+            with Image.open(io.BytesIO(data)) as image:
                 image = image.convert("RGB").resize((resolution, resolution), Image.Resampling.BICUBIC)
                 tensors.append(torch.frombuffer(bytearray(image.tobytes()), dtype=torch.uint8))
         self.images = (
             torch.stack(tensors).view(len(records), resolution, resolution, 3).permute(0, 3, 1, 2).float() / 127.5 - 1
         )
         self.captions = [r["text"] for r in records]
-        self.keys = [f"prior/{r['file_name']}" for r in records]
 
     def __len__(self) -> int:
         return len(self.captions)

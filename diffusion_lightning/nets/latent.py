@@ -326,14 +326,18 @@ def set_attention(unet: Any, attention: str) -> None:
 def lora_layers(unet: Any, text_encoder: Any = None) -> dict[str, dict[str, torch.Tensor]]:
     """peft adapters in diffusers' LoRA layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``).
 
-    What ``StableDiffusionPipeline.save_lora_weights`` takes. The text encoder's adapters were
-    injected with peft directly (``inject_adapter_in_model``), so they are read from its state
-    dict, dropping the adapter name as ``get_peft_model_state_dict`` would.
+    What ``StableDiffusionPipeline.save_lora_weights`` takes. The UNet's stay in peft's names
+    (``lora_A``/``lora_B``), which ``load_lora_weights`` reads as they are: diffusers' older layout
+    (``convert_state_dict_to_diffusers``) renames a UNet module called ``k_proj`` (the attention
+    pooling of ``addition_embed_type="text"``) to a text-encoder key that the UNet loader then
+    skips, leaving those adapters uninitialised. The text encoder's adapters were injected with
+    peft directly (``inject_adapter_in_model``), so they are read from its state dict, dropping the
+    adapter name as ``get_peft_model_state_dict`` would.
     """
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    layers = {"unet_lora_layers": convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))}
+    layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
     if text_encoder is not None:
         adapters = {k.replace(".default", ""): v.detach() for k, v in text_encoder.state_dict().items() if "lora_" in k}
         layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(adapters)
