@@ -45,7 +45,7 @@ demo-t2i: $(STAMP) $(JUDGE)
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/vae_run/checkpoints/last.ckpt --out $(T2I_DIR)/vae --overwrite
 	$(BIN)/diffusion-lightning fit --config configs/t2i_digits.yaml --trainer.default_root_dir $(T2I_DIR)/base_run \
 	  --model.init_args.components.pretrained_vae $(T2I_DIR)/vae --data.init_args.digits [0,1,2,3,4,5,6,7] \
-	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents --trainer.max_steps 700
+	  --model.init_args.latent_cache_dir $(T2I_DIR)/latents
 	$(BIN)/diffusion-lightning export --ckpt $(T2I_DIR)/base_run/checkpoints/last.ckpt --out $(T2I_DIR)/pipeline --overwrite
 	rm -rf $(T2I_DIR)/lora_run $(T2I_DIR)/prior  # the class images come from this run's base model
 	$(BIN)/diffusion-lightning fit --config configs/t2i_digits_lora.yaml --trainer.default_root_dir $(T2I_DIR)/lora_run \
