@@ -32,6 +32,7 @@ from __future__ import annotations
 import argparse
 import json
 import resource
+import shutil
 import subprocess
 import sys
 import time
@@ -221,6 +222,7 @@ def finetune(args: argparse.Namespace, out: Path, mode: str) -> dict[str, Any]:
     else:
         argv += ["--model.init_args.prior_data_dir", "null", "--model.init_args.prior_prompts", "null",
                  "--model.init_args.num_prior_images", "null"]  # fmt: skip
+    shutil.rmtree(run, ignore_errors=True)  # no checkpoint of an earlier run beside this one's
     timing = run / "timing.json"
     start = time.perf_counter()
     subprocess.run([sys.executable, __file__, "--child", str(timing), "--", *argv], check=True)
