@@ -61,7 +61,7 @@ def test_embedded_digits_are_rgb_captioned_from_labels_and_split_seeded_and_bala
     assert {k: len(v) for k, v in dm.datasets.items()} == {"train": 190, "val": 10}
     assert (dm.image_size, dm.in_channels) == (32, 3)
     batch = next(iter(dm.train_dataloader()))
-    assert set(batch) == {"images", "captions", "keys", "skipped"}
+    assert set(batch) == {"images", "captions", "keys", "skipped", "original_size", "crop_top_left"}
     images = batch["images"]
     assert images.shape == (8, 3, 32, 32) and images.dtype == torch.float32
     assert images.min() == -1 and images.max() <= 1 and images.max() > 0.5
@@ -184,7 +184,8 @@ def test_bad_images_are_skipped_and_reported_once_per_epoch(tmp_path):
     for epoch in (0, 1):
         keys = [k for e, keys, _ in model.seen if e == epoch for k in keys]
         assert sorted(keys) == good
-    assert all(fields == {"images", "captions", "keys"} for *_, fields in model.seen)  # "skipped" taken out
+    fields_seen = {"images", "captions", "keys", "original_size", "crop_top_left"}
+    assert all(fields == fields_seen for *_, fields in model.seen)  # "skipped" taken out
 
     with pytest.raises(ValueError, match=r"(cut|text)\.png.*skip_bad_images=true"):
         all_batches(folder_module(tmp_path, val_fraction=0, skip_bad_images=False).train_dataloader())

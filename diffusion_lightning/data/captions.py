@@ -1,19 +1,28 @@
 """Image-caption pairs for text-to-image fine-tuning: captioned MNIST digits or a folder of images.
 
 Batches are dicts: ``images`` ``(B, 3, H, W)`` in ``[-1, 1]``, ``captions`` (``list[str]``), ``keys``
-(``list[str]``, a stable id per sample) and, with a tokenizer, ``input_ids`` ``(B, L)``. Predict
-batches are ``{"prompts": list[str], "index": LongTensor}``.
+(``list[str]``, a stable id per sample), ``original_size`` and ``crop_top_left`` (``LongTensor``
+``(B, 2)``, each row ``(height, width)`` of the image before resizing and ``(top, left)`` of its
+crop: SDXL's micro-conditioning) and, with a tokenizer, ``input_ids`` ``(B, L)``. Predict batches
+are ``{"prompts": list[str], "index": LongTensor}``.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from lightning.pytorch.utilities import rank_zero_warn
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from torch.utils.data import DataLoader
 from typing_extensions import override
 
-from diffusion_lightning.data.base import DiffusionDataModule, _check_at_least_one
-from diffusion_lightning.data.caption_dataset import CaptionCollate, ImageCaptions, _EpochTaggedSampler
+from diffusion_lightning.data.base import DiffusionDataModule, ResumableLoader, _check_at_least_one
+from diffusion_lightning.data.buckets import BatchesOf, check_bucket_options, make_buckets, nearest_bucket
+from diffusion_lightning.data.caption_dataset import (
+    CaptionCollate,
+    ImageCaptions,
+    _EpochTaggedBucketSampler,
+    _EpochTaggedSampler,
+)
 from diffusion_lightning.data.caption_sources import (
     DIGIT_NAMES,
     embedded_digits,
@@ -21,7 +30,7 @@ from diffusion_lightning.data.caption_sources import (
     read_caption_folder,
     read_prompts,
 )
-from diffusion_lightning.data.sampling import EpochSeededSampler
+from diffusion_lightning.data.sampling import EpochSeededSampler, data_parallel_shard
 from diffusion_lightning.losses import check_choice
 
 __all__ = ["DIGIT_NAMES", "SOURCES", "CaptionCollate", "ImageCaptionDataModule", "ImageCaptions"]
@@ -41,6 +50,17 @@ class ImageCaptionDataModule(DiffusionDataModule):
       (``{file_name: caption}`` or a list of objects), ``validation/`` likewise. Without a validation
       folder, ``val_fraction`` of train is held out (seeded). Keys are paths relative to ``root``.
 
+    Aspect-ratio bucketing (``aspect_buckets``) trains on images close to their own shape instead of
+    square crops: buckets of about ``resolution ** 2`` pixels (never more), sides multiples of
+    ``bucket_step``, long over short side at most ``max_aspect``, are made at setup (see
+    :func:`~diffusion_lightning.data.buckets.make_buckets`); each training image goes to the bucket
+    whose aspect ratio is closest to its own (its file header is read once at setup), is resized to
+    cover it and cropped to it (centred, or at random with ``center_crop=false``). Every training
+    batch holds images of one bucket (:class:`~diffusion_lightning.data.buckets.BucketBatchSampler`):
+    its order depends only on ``(seed, epoch)`` and resumes to the batch. With ``drop_last`` the
+    incomplete last batch of each bucket is dropped every epoch; without it, it is served smaller.
+    Validation stays square and centred (its batches mix images of every shape).
+
     Unreadable images are skipped (``skip_bad_images``): dropped from their training batch and
     reported once per epoch (at the start of the next epoch and at teardown) with their count and up
     to 5 keys. The validation images are read once when the validation loader is made, and the
@@ -56,7 +76,8 @@ class ImageCaptionDataModule(DiffusionDataModule):
     Args:
         source: ``embedded`` or ``folder``.
         root: Folder of the ``folder`` source.
-        resolution: Side of the square images (short side resized, then cropped).
+        resolution: Side of the square images (short side resized, then cropped); with
+            ``aspect_buckets``, the side of the square bucket, whose area every bucket approaches.
         center_crop: Centre crop for training (``False``: random crop); validation is always centred.
         random_flip: Random horizontal flips for training.
         caption_column: Caption field of ``metadata.jsonl`` (and list ``captions.json``) entries.
@@ -74,7 +95,12 @@ class ImageCaptionDataModule(DiffusionDataModule):
         seed: Seed of the splits, the shuffling and the random crops and flips.
         num_workers: DataLoader worker processes (0 loads in the training process).
         pin_memory: Pin batches in page-locked memory.
-        drop_last: Drop the last incomplete training batch.
+        drop_last: Drop the last incomplete training batch (with ``aspect_buckets``: of each bucket).
+        aspect_buckets: Aspect-ratio bucketing of the training images (kohya's and SimpleTuner's
+            "aspect ratio bucketing"); validation stays square.
+        bucket_step: Bucket sides are multiples of this (a multiple of 8, dividing ``resolution``;
+            64 suits Stable Diffusion's latent UNets).
+        max_aspect: Long side over short side of the most elongated bucket (>= 1; 1 keeps the square only).
         predict_prompts: Prompts served by ``predict_dataloader`` (neither this nor ``predict_prompts_file``:
             the distinct captions of the validation split, at most 8).
         predict_prompts_file: Text file of the prompts served by ``predict_dataloader``, one a line;
@@ -109,6 +135,9 @@ class ImageCaptionDataModule(DiffusionDataModule):
         num_workers: int = 0,
         pin_memory: bool = False,
         drop_last: bool = True,
+        aspect_buckets: bool = False,
+        bucket_step: int = 64,
+        max_aspect: float = 2.0,
         predict_prompts: list[str] | None = None,
         predict_prompts_file: str | None = None,
         predict_samples_per_prompt: int = 1,
@@ -140,6 +169,8 @@ class ImageCaptionDataModule(DiffusionDataModule):
         if predict_prompts is not None and not (predict_prompts and all(isinstance(p, str) for p in predict_prompts)):
             raise ValueError(f"predict_prompts={predict_prompts!r:.80} must be a non-empty list of strings.")
         _check_at_least_one(predict_samples_per_prompt=predict_samples_per_prompt)
+        if aspect_buckets:
+            check_bucket_options(resolution, bucket_step, max_aspect)
         self.source, self.root, self.resolution = source, root, resolution
         self.image_size = resolution
         self.center_crop, self.random_flip = center_crop, random_flip
@@ -150,6 +181,8 @@ class ImageCaptionDataModule(DiffusionDataModule):
         self.predict_prompts = None if predict_prompts is None else list(predict_prompts)
         self.predict_prompts_file = predict_prompts_file
         self.predict_samples_per_prompt = predict_samples_per_prompt
+        self.aspect_buckets, self.bucket_step, self.max_aspect = aspect_buckets, bucket_step, max_aspect
+        self.buckets = make_buckets(resolution, bucket_step, max_aspect) if aspect_buckets else []
         self.datasets: dict[str, ImageCaptions] = {}
         self._readable: dict[str, ImageCaptions] = {}  # evaluation splits without their unreadable images
         self._skipped: dict[str, None] = {}
@@ -191,7 +224,7 @@ class ImageCaptionDataModule(DiffusionDataModule):
             )
         if self.tokenizer is not None:
             self._tokenize(parts)
-        return {
+        datasets = {
             split: ImageCaptions(
                 resolution=self.resolution,
                 random_crop=split == "train" and not self.center_crop,
@@ -202,6 +235,20 @@ class ImageCaptionDataModule(DiffusionDataModule):
             )
             for split, part in parts.items()
         }
+        if self.aspect_buckets:
+            self._assign_buckets(datasets["train"])
+        return datasets
+
+    def _assign_buckets(self, dataset: ImageCaptions) -> None:
+        """Give every training image the bucket nearest its aspect ratio (unreadable ones: the square one)."""
+        square = self.buckets.index((self.resolution, self.resolution))
+        chosen = [square if size is None else nearest_bucket(self.buckets, *size) for size in dataset.image_sizes()]
+        dataset.target_sizes = [self.buckets[i] for i in chosen]
+        counts = {self.buckets[i]: chosen.count(i) for i in sorted(set(chosen))}
+        rank_zero_info(
+            "aspect buckets (height x width: training images): "
+            + ", ".join(f"{h}x{w}: {n}" for (h, w), n in counts.items())
+        )
 
     @override
     def collate(self, dataset: ImageCaptions) -> CaptionCollate:
@@ -209,7 +256,47 @@ class ImageCaptionDataModule(DiffusionDataModule):
 
     @override
     def train_sampler(self, num_samples: int, num_replicas: int, rank: int) -> EpochSeededSampler:
+        """Sample by sample; with ``aspect_buckets``, batch by batch, each batch from one bucket."""
+        if self.aspect_buckets:
+            return self._bucket_sampler(num_replicas, rank)
         return _EpochTaggedSampler(num_samples, self.seed, self.report_skipped, num_replicas=num_replicas, rank=rank)
+
+    def _bucket_sampler(self, num_replicas: int, rank: int) -> _EpochTaggedBucketSampler:
+        sizes = self.datasets["train"].target_sizes
+        return _EpochTaggedBucketSampler(
+            sizes, self.batch_size, self.drop_last, self.seed, self.report_skipped, num_replicas=num_replicas, rank=rank
+        )
+
+    @override
+    def train_dataloader(self) -> DataLoader:
+        """The base class's loader; with ``aspect_buckets``, one that takes whole batches from its sampler.
+
+        The bucket sampler yields the batches (``batch_size=None``): a loader cutting one stream of
+        samples into batches would mix buckets wherever a bucket's last batch is incomplete.
+        """
+        if not self.aspect_buckets:
+            return super().train_dataloader()
+        self.setup("fit")
+        dataset = self.datasets["train"]
+        num_replicas, rank = data_parallel_shard(self.trainer)
+        self._sampler = sampler = self._bucket_sampler(num_replicas, rank)
+        self.apply_resume(sampler)
+        if not len(sampler):
+            counts = ", ".join(f"{h}x{w}: {n}" for (h, w), n in sampler.bucket_counts.items())
+            raise ValueError(
+                f"batch_size={self.batch_size!r} with drop_last=True leaves no training batch: every aspect bucket "
+                f"holds fewer images ({counts}); lower batch_size, set drop_last=false or max_aspect=1."
+            )
+        return ResumableLoader(
+            BatchesOf(dataset),
+            batch_size=None,
+            sampler=sampler,
+            collate_fn=self.collate(dataset),
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.num_workers > 0,
+            datamodule=self,
+        )
 
     @override
     def eval_dataset(self, split: str) -> ImageCaptions:

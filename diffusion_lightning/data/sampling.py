@@ -82,8 +82,14 @@ class EpochSeededSampler(DistributedSampler):
         self.epoch = epoch
 
     def skip_in_epoch(self, epoch: int, num_samples: int) -> None:
-        """Skip the first ``num_samples`` samples of the global order the next time epoch ``epoch`` is iterated."""
+        """Skip the first ``num_samples`` samples of the global order the next time epoch ``epoch`` is iterated.
+
+        The sampler is set to ``epoch`` as well: when Lightning resumes mid-epoch it makes the
+        loader's iterator before it calls :meth:`set_epoch`, and a loader with worker processes
+        draws its first indices right then, which would otherwise come from epoch 0's order.
+        """
         self._skip[epoch] = num_samples
+        self.epoch = epoch
 
     def order(self) -> list[int]:
         """The global order of the current epoch (every process's samples, before sharding and skipping)."""
