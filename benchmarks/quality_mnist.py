@@ -2,6 +2,8 @@
 
     python benchmarks/quality_mnist.py                       # the demo recipe, 30-minute budget
     python benchmarks/quality_mnist.py --minutes 15 --max-steps 1200
+    python benchmarks/quality_mnist.py --out outputs/bench/quality_mnist_flow -- \
+        --model.init_args.prediction_type flow_prediction --model.init_args.snr_gamma null   # flow matching
 
 1. Trains ``--config`` (default configs/ddpm_mnist.yaml) for at most ``--minutes`` of wall time,
    saving the weights every ``--snapshot-minutes``; the recipe's own ``max_steps`` (or
@@ -9,8 +11,12 @@
 2. Scores every snapshot (DPM-Solver++ 20 steps, the config's guidance scale) with the digit
    judge: accuracy (correct_digit), weakest class, domain FID and precision/recall against the
    real training digits; prints the table and the training time to 0.90 / 0.95 / 0.98 accuracy.
-3. On the final weights: samplers (DDPM 1000, DDIM 50, DPM-Solver++ 10 and 20 steps), then
-   guidance scales 0, 1, 2, 3, 5 (DPM-Solver++ 20), drawn as an accuracy-vs-recall plot.
+3. On the final weights: samplers (DDPM 1000, DDIM 50, DPM-Solver++ 10 and 20 steps; for a
+   flow-matching model flow Euler 50 and DPM-Solver++ in its flow mode), accuracy against
+   sampling steps (DPM-Solver++ 4, 8, 20), then guidance scales 0, 1, 2, 3, 5 (DPM-Solver++ 20),
+   drawn as an accuracy-vs-recall plot.
+
+Arguments after ``--`` go to ``fit`` as they are (overrides of the config, e.g. another objective).
 
 Writes OUT/results.json, OUT/accuracy_vs_time.png and OUT/guidance_tradeoff.png (OUT defaults to
 outputs/bench/quality_mnist). The judge (configs/classifier_mnist.yaml) is trained first if missing.
@@ -20,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -39,6 +46,8 @@ from _common import JUDGE_DIR, REPO, judge_checkpoint  # noqa: E402
 
 THRESHOLDS = (0.90, 0.95, 0.98)
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpm", 10), ("dpm", 20))
+FLOW_SAMPLERS = (("euler", 50), ("dpm", 10), ("dpm", 20))
+STEPS = (4, 8, 20)
 GUIDANCE = (0.0, 1.0, 2.0, 3.0, 5.0)
 COLUMNS = ("accuracy", "weakest_class_accuracy", "fid", "precision", "recall", "seconds_per_image")
 
@@ -79,7 +88,7 @@ def train(args: argparse.Namespace, run: Path) -> None:
     budget = int(args.minutes * 60)
     argv = ["fit", "--config", args.config, "--trainer.default_root_dir", str(run)]
     argv += ["--trainer.max_time", f"00:{budget // 3600:02d}:{budget % 3600 // 60:02d}:{budget % 60:02d}"]
-    argv += ["--trainer.enable_progress_bar", "false"]
+    argv += ["--trainer.enable_progress_bar", "false", *args.fit_args]
     if args.max_steps:
         argv += ["--trainer.max_steps", str(args.max_steps)]
     snapshots = WallClockSnapshots(run / "snapshots", args.snapshot_minutes * 60)
@@ -115,7 +124,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs/bench/quality_mnist"))
     parser.add_argument("--skip-train", action="store_true", help="score the snapshots of an earlier run in OUT")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.fit_args = argv[split + 1 :]
 
     out = Path(args.out)
     run = out / "run"
@@ -130,7 +142,8 @@ def main() -> None:
 
     module = load_module(run / "checkpoints" / "last.ckpt")
     guidance = float(module.guidance_scale)
-    results: dict[str, Any] = {"judge_real_accuracy": real_acc, "config": args.config, "guidance_scale": guidance}
+    results: dict[str, Any] = {"judge_real_accuracy": real_acc, "config": args.config, "guidance_scale": guidance,
+                               "fit_args": args.fit_args, "prediction_type": module.prediction_type}  # fmt: skip
 
     over_time = []
     scorer = evaluator(args, judge, args.n_samples, num_inference_steps=20, scheduler="dpm")
@@ -148,7 +161,7 @@ def main() -> None:
     print("minutes to accuracy " + ", ".join(f"{t}: {m}" for t, m in results["time_to"].items()))
 
     samplers = []
-    for name, steps in SAMPLERS:
+    for name, steps in FLOW_SAMPLERS if module.is_flow else SAMPLERS:
         scorer = evaluator(args, judge, args.sampler_samples, num_inference_steps=steps, scheduler=name)
         result = scorer.evaluate(module.build_pipeline(name), steps, guidance)
         samplers.append({"sampler": name, "steps": steps, **row(result)})
@@ -158,6 +171,15 @@ def main() -> None:
     dpm20 = next(r["accuracy"] for r in samplers if r["sampler"] == "dpm" and r["steps"] == 20)
     print(table(f"samplers ({args.sampler_samples} samples, guidance {guidance})", samplers))
     print(f"DPM-Solver++ 20 steps vs the best sampler: {dpm20 - best:+.4f}")
+
+    by_steps = []
+    for steps in STEPS:
+        scorer = evaluator(args, judge, args.n_samples, num_inference_steps=steps, scheduler="dpm")
+        result = scorer.evaluate(module.build_pipeline("dpm"), steps, guidance)
+        by_steps.append({"steps": steps, **row(result)})
+        print(by_steps[-1], flush=True)
+    results["steps"] = by_steps
+    print(table(f"accuracy against sampling steps (DPM-Solver++, {args.n_samples} samples)", by_steps))
 
     scales = []
     for scale in GUIDANCE:

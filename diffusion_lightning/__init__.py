@@ -22,13 +22,24 @@ from diffusion_lightning.modules import (
     DiffusionModule,
     DiffusionStepOutput,
     DigitClassifier,
+    FluxModule,
     KnowledgeDistillationModule,
     LatentDiffusionModule,
     NonFiniteLossError,
     ProgressiveDistillationModule,
+    StableDiffusion3Module,
+    StableDiffusionXLModule,
 )
 from diffusion_lightning.modules.loading import load_module
-from diffusion_lightning.nets import ClassConditionedUnet, LatentComponents, UNetConfig, build_unet
+from diffusion_lightning.nets import (
+    ClassConditionedUnet,
+    FluxComponents,
+    LatentComponents,
+    SD3Components,
+    UNetConfig,
+    XLComponents,
+    build_unet,
+)
 from diffusion_lightning.optim import WarmupCosineLR
 from diffusion_lightning.pipelines import (
     ClassConditionedPipeline,
@@ -71,11 +82,17 @@ __all__ = [
     "DiffusionModule",
     "DiffusionStepOutput",
     "DigitClassifier",
+    "FluxComponents",
+    "FluxModule",
     "MNISTDataModule",
     "NonFiniteLossError",
     "ProgressiveDistillationModule",
+    "SD3Components",
+    "StableDiffusion3Module",
+    "StableDiffusionXLModule",
     "UNetConfig",
     "WarmupCosineLR",
+    "XLComponents",
     "__version__",
     "build_unet",
     "load_module",

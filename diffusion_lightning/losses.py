@@ -1,23 +1,35 @@
 """Pure functions for diffusion training objectives.
 
-Targets for the three prediction types, min-SNR-gamma weights and the per-sample losses. Nothing
-here holds state: every function takes tensors (and a diffusers scheduler where the noise schedule
-is needed) and returns tensors, so research code can reuse them outside the LightningModules.
+Targets for the prediction types, min-SNR-gamma weights, flow matching's noise levels and the
+per-sample losses. Nothing here holds state: every function takes tensors (and a diffusers
+scheduler where the noise schedule is needed) and returns tensors, so research code can reuse them
+outside the LightningModules.
+
+Flow matching (``flow_prediction``, rectified flow as in SD3 and Flux) noises along a straight line,
+``x_t = (1 - sigma) x_0 + sigma * noise`` with ``sigma`` in ``[0, 1]``, and the network predicts the
+velocity ``noise - x_0``; its timestep is ``sigma * num_train_timesteps``, as diffusers'
+``FlowMatchEulerDiscreteScheduler`` feeds it.
 """
 
 from __future__ import annotations
 
+import math
 from typing import Literal, get_args
 
 import torch
 import torch.nn.functional as F
-from diffusers.training_utils import compute_snr
+from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3, compute_snr
 
-PredictionType = Literal["epsilon", "v_prediction", "sample"]
+PredictionType = Literal["epsilon", "v_prediction", "sample", "flow_prediction"]
 LossType = Literal["l2", "l1", "huber"]
+#: Flow matching's timestep densities (``logit_normal``, ``mode``) and loss weightings (``sigma_sqrt``,
+#: ``cosmap``), as diffusers' SD3 and Flux scripts name them; ``none`` samples uniformly, unweighted.
+WeightingScheme = Literal["none", "logit_normal", "mode", "sigma_sqrt", "cosmap"]
 
 PREDICTION_TYPES: tuple[str, ...] = get_args(PredictionType)
 LOSS_TYPES: tuple[str, ...] = get_args(LossType)
+WEIGHTING_SCHEMES: tuple[str, ...] = get_args(WeightingScheme)
+FLOW = "flow_prediction"
 
 
 def check_choice(field: str, value: object, accepted: tuple[str, ...]) -> None:
@@ -45,14 +57,76 @@ def training_target(
         noise: The Gaussian noise mixed into ``x_0``.
         timesteps: Integer timesteps, one per sample.
         prediction_type: ``epsilon`` (the noise), ``v_prediction`` (``alpha_t * eps - sigma_t * x_0``,
-            Salimans & Ho 2022) or ``sample`` (``x_0`` itself).
+            Salimans & Ho 2022), ``sample`` (``x_0`` itself) or ``flow_prediction`` (the velocity
+            ``noise - x_0``; ``scheduler`` and ``timesteps`` are not needed).
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
     if prediction_type == "epsilon":
         return noise
+    if prediction_type == FLOW:
+        return noise - sample
     if prediction_type == "v_prediction":
         return scheduler.get_velocity(sample, noise, timesteps)
     return sample
+
+
+def shift_sigmas(sigmas: torch.Tensor, shift: float) -> torch.Tensor:
+    """Resolution shift of flow noise levels, ``shift * s / (1 + (shift - 1) * s)`` (SD3's, diffusers' ``shift``).
+
+    ``shift > 1`` moves training and sampling towards high noise, which larger images need.
+    """
+    if shift <= 0:
+        raise ValueError(f"flow_shift={shift!r} must be > 0 (1 leaves the noise levels as they are).")
+    return shift * sigmas / (1.0 + (shift - 1.0) * sigmas)
+
+
+def flow_sigmas(
+    batch_size: int,
+    weighting_scheme: str,
+    generator: torch.Generator | None = None,
+    *,
+    logit_mean: float = 0.0,
+    logit_std: float = 1.0,
+    mode_scale: float = 1.29,
+    shift: float = 1.0,
+    num_train_timesteps: int = 1000,
+    stratified: bool = False,
+    device: torch.device | str = "cpu",
+) -> torch.Tensor:
+    """Flow-matching noise levels ``sigma`` in ``[1/T, 1]`` drawn from ``weighting_scheme``'s density.
+
+    Draws with diffusers' ``compute_density_for_timestep_sampling``. ``stratified`` puts one draw in
+    each of ``batch_size`` equal-probability slices of the density instead (the same levels every
+    call for a given generator state): diffusers has no stratified draw, and a validation loss needs one.
+    """
+    check_choice("weighting_scheme", weighting_scheme, WEIGHTING_SCHEMES)
+    if stratified:
+        offsets = torch.rand(batch_size, generator=generator, device=device)
+        u = (torch.arange(batch_size, device=device) + offsets) / batch_size
+        if weighting_scheme == "logit_normal":
+            u = torch.sigmoid(logit_mean + logit_std * torch.special.ndtri(u.clamp(1e-6, 1 - 1e-6)))
+        elif weighting_scheme == "mode":
+            u = 1 - u - mode_scale * (torch.cos(math.pi * u / 2) ** 2 - 1 + u)
+    else:
+        u = compute_density_for_timestep_sampling(
+            weighting_scheme, batch_size, logit_mean, logit_std, mode_scale, device=device, generator=generator
+        )
+    # sigma_sqrt weighs 1/sigma^2: the floor keeps it finite, at the scheduler's last level
+    return shift_sigmas(u.clamp(0.0, 1.0), shift).clamp(min=1.0 / num_train_timesteps, max=1.0)
+
+
+def flow_noise(sample: torch.Tensor, noise: torch.Tensor, sigmas: torch.Tensor) -> torch.Tensor:
+    """``x_t = (1 - sigma) x_0 + sigma * noise``, one ``sigma`` per sample."""
+    s = _expand(sigmas.to(sample.dtype), sample.ndim)
+    return (1.0 - s) * sample + s * noise
+
+
+def flow_loss_weights(weighting_scheme: str, sigmas: torch.Tensor) -> torch.Tensor | None:
+    """Per-sample loss weights of ``weighting_scheme`` (diffusers' ``compute_loss_weighting_for_sd3``), or ``None``."""
+    check_choice("weighting_scheme", weighting_scheme, WEIGHTING_SCHEMES)
+    if weighting_scheme not in ("sigma_sqrt", "cosmap"):
+        return None
+    return compute_loss_weighting_for_sd3(weighting_scheme, sigmas).float()
 
 
 def snr(scheduler, timesteps: torch.Tensor) -> torch.Tensor:
@@ -70,6 +144,10 @@ def min_snr_weights(snr_values: torch.Tensor, gamma: float, prediction_type: str
     prediction. This matches the diffusers training scripts for epsilon and v-prediction.
     """
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == FLOW:
+        raise ValueError(
+            "snr_gamma applies to DDPM noise schedules; flow_prediction weighs its loss by weighting_scheme."
+        )
     if gamma <= 0:
         raise ValueError(f"snr_gamma={gamma!r} must be > 0 (or None to disable min-SNR weighting).")
     clipped = torch.clamp(snr_values, max=gamma)
@@ -138,6 +216,9 @@ def predicted_original(
 ) -> torch.Tensor:
     """``x_0`` implied by a network output at ``(sample, timesteps)`` for the prediction type."""
     check_choice("prediction_type", prediction_type, PREDICTION_TYPES)
+    if prediction_type == FLOW:
+        sigmas = timesteps.float().to(sample.device) / float(scheduler.config.num_train_timesteps)
+        return sample.float() - _expand(sigmas, sample.ndim) * model_output.float()
     alphas_cumprod = scheduler.alphas_cumprod.to(device=sample.device, dtype=torch.float32)
     a = _expand(alphas_cumprod[timesteps].sqrt(), sample.ndim)
     s = _expand((1.0 - alphas_cumprod[timesteps]).sqrt(), sample.ndim)

@@ -27,17 +27,25 @@ OVERLAY_BASES = {
 
 @pytest.fixture(scope="module")
 def local_sd(tmp_path_factory) -> list[str]:
-    """Overrides that point the GPU Stable Diffusion configs at a tiny local model, caption folder and VAE, on CPU."""
-    import PIL.Image
-    from diffusers import StableDiffusionPipeline
+    """Overrides that point the GPU Stable Diffusion configs at a tiny local model, caption folder and VAE, on CPU.
 
+    An SDXL twin of the model is written beside it, at ``model_xl``, and a Flux one at ``model_flux``
+    (see :func:`config_args`).
+    """
+    import PIL.Image
+    from diffusers import FluxPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    from diffusion_lightning.nets.flux import build_flux_components
     from diffusion_lightning.nets.latent import build_components
+    from diffusion_lightning.nets.latent_xl import build_xl_components
 
     root = tmp_path_factory.mktemp("sd")
     parts = build_components()
     StableDiffusionPipeline(
         **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     ).save_pretrained(root / "model")
+    StableDiffusionXLPipeline(**build_xl_components(), add_watermarker=False).save_pretrained(root / "model_xl")
+    FluxPipeline(**build_flux_components()).save_pretrained(root / "model_flux")
     (root / "data").mkdir()
     PIL.Image.new("RGB", (20, 20), "white").save(root / "data" / "a.png")
     (root / "data" / "metadata.jsonl").write_text(json.dumps({"file_name": "a.png", "text": "a white square"}) + "\n")
@@ -69,7 +77,10 @@ def config_args(config: Path, local_sd: list[str] | None = None, local_teacher: 
     model = yaml.safe_load(config.read_text()).get("model") or {}
     if "class_path" in model:
         init = model.get("init_args") or {}
-        local = local_sd or []
+        local = list(local_sd or [])
+        twins = {"StableDiffusionXLModule": "_xl", "FluxModule": "_flux"}  # the SDXL and Flux twins of local_sd
+        if local and model["class_path"].rsplit(".", 1)[-1] in twins:
+            local[local.index("--model.init_args.pretrained") + 1] += twins[model["class_path"].rsplit(".", 1)[-1]]
         at = local.index("--model.init_args.components.pretrained_vae") if local else 0
         extra = [
             *(local[:at] if init.get("pretrained") else []),

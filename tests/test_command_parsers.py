@@ -170,7 +170,7 @@ def test_sample_bad_choice_is_one_line_with_the_accepted_values():
     with pytest.raises(SystemExit) as error:
         main(["sample", "--pipeline", "p", "--scheduler", "nope"])
     assert str(error.value) == (
-        "error: --scheduler 'nope' is not accepted; expected one of: ddim, ddpm, dpm, euler, euler_a, unipc."
+        "error: --scheduler 'nope' is not accepted; expected one of: ddim, ddpm, dpm, euler, euler_a, heun, unipc."
     )
     assert parse_error(sample.build_parser(), ["--ckpt", "c", "--weights", "best"]) == (
         "error: --weights 'best' is not accepted; expected one of: ema, raw."

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lightning.modules.loading import load_pipeline_source
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
+from diffusion_lightning.schedulers import is_flow, make_scheduler
 
 __all__ = ["CONDITIONING_FIELDS", "Model", "Session", "check_conditioning", "load_model", "load_models"]
 
@@ -77,9 +78,14 @@ def load_model(path: str | Path, name: str | None = None, device: str | torch.de
     pipeline, defaults = load_pipeline_source(
         ckpt=source if checkpoint else None,
         pipeline=None if checkpoint else source,
-        scheduler="ddim",
         expect=ClassConditionedPipeline,
     )
+    if is_flow(pipeline.scheduler):
+        raise ValueError(
+            f"path {str(path)!r} holds a flow-matching model (prediction_type='flow_prediction'); the analysis "
+            "compares models on a DDPM noise schedule (DDIM trajectories, add_noise) and does not support it."
+        )
+    pipeline.scheduler = make_scheduler("ddim", pipeline.scheduler.config)
     guidance = float(defaults["guidance_scale"]) if checkpoint else None
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)

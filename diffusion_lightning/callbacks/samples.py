@@ -114,9 +114,7 @@ class SampleGridLogger(SamplingCallback):
         chunk = self.batch_size or len(wanted)
         images = torch.cat(
             [
-                self.sample(
-                    pl_module, wanted[i : i + chunk], pipeline=pipeline, generator=generator, **kwargs
-                )
+                self.sample(pl_module, wanted[i : i + chunk], pipeline=pipeline, generator=generator, **kwargs)
                 for i in range(0, len(wanted), chunk)
             ]
         )

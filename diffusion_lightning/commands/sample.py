@@ -78,7 +78,7 @@ class TextToImageOptions:
         vae_slicing: Decode the batch one image at a time (less memory).
         vae_tiling: Encode/decode large images in tiles (less memory).
         cpu_offload: Keep each model on the CPU until it runs (model CPU offload; needs a CUDA GPU).
-        compile: torch.compile the UNet (slow start, faster steps).
+        compile: torch.compile the UNet or transformer (slow start, faster steps).
     """
 
     prompt: list[str] | None = field(default=None, metadata={"metavar": "TEXT"})
@@ -245,9 +245,14 @@ def _prompt_lists(args: Namespace) -> tuple[list[str], list[str] | None]:
 
 
 def _image_size(args: Namespace, pipeline: Any, defaults: dict[str, Any]) -> tuple[int, int]:
-    """``(height, width)``: the flags, else the module's image size, else the UNet's sample size in pixels."""
+    """``(height, width)``: the flags, else the module's image size, else the UNet's sample size in pixels.
+
+    A transformer pipeline (Flux) has no UNet: its ``default_sample_size`` is the latent size it defaults to.
+    """
     scale = int(getattr(pipeline, "vae_scale_factor", 8))
-    default = defaults.get("image_size") or int(pipeline.unet.config.sample_size) * scale
+    unet = getattr(pipeline, "unet", None)
+    sample_size = unet.config.sample_size if unet is not None else pipeline.default_sample_size
+    default = defaults.get("image_size") or int(sample_size) * scale
     height, width = args.height or default, args.width or default
     for name, value in (("height", height), ("width", width)):
         if value % scale:
@@ -267,7 +272,8 @@ def _configure(pipeline: Any, args: Namespace, device: torch.device) -> None:
     if args.vae_tiling:
         pipeline.vae.enable_tiling()
     if args.compile:
-        pipeline.unet.compile()  # in place: the pipeline keeps its UNet2DConditionModel
+        # in place: the pipeline keeps its denoiser (a UNet, or a Flux / SD3 transformer)
+        (getattr(pipeline, "unet", None) or pipeline.transformer).compile()
     if args.cpu_offload:
         pipeline.enable_model_cpu_offload(device=device if device.type == "cuda" else "cuda")
     else:

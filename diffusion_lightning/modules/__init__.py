@@ -5,9 +5,12 @@ from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutpu
 from diffusion_lightning.modules.classifier import DigitClassifier
 from diffusion_lightning.modules.ddpm import ClassConditionedDDPM
 from diffusion_lightning.modules.distill import KnowledgeDistillationModule
+from diffusion_lightning.modules.flux import FluxModule
 from diffusion_lightning.modules.latent import LatentDiffusionModule
+from diffusion_lightning.modules.latent_xl import StableDiffusionXLModule
 from diffusion_lightning.modules.nonfinite import NonFiniteLossError
 from diffusion_lightning.modules.progressive import ProgressiveDistillationModule
+from diffusion_lightning.modules.sd3 import StableDiffusion3Module
 
 __all__ = [
     "AutoencoderKLModule",
@@ -15,8 +18,11 @@ __all__ = [
     "DigitClassifier",
     "DiffusionModule",
     "DiffusionStepOutput",
+    "FluxModule",
     "LatentDiffusionModule",
     "KnowledgeDistillationModule",
     "NonFiniteLossError",
     "ProgressiveDistillationModule",
+    "StableDiffusion3Module",
+    "StableDiffusionXLModule",
 ]

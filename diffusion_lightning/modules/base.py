@@ -21,11 +21,17 @@ from torch.optim import AdamW
 from typing_extensions import override
 
 from diffusion_lightning.losses import (
+    FLOW,
     LOSS_TYPES,
+    WEIGHTING_SCHEMES,
     LossType,
     PredictionType,
+    WeightingScheme,
     check_choice,
     diffusion_loss,
+    flow_loss_weights,
+    flow_noise,
+    flow_sigmas,
     min_snr_weights,
     snr,
     training_target,
@@ -42,7 +48,7 @@ __all__ = ["BetaSchedule", "DiffusionModule", "DiffusionStepOutput", "SamplerNam
 #: Noise schedules of the forward process (``schedulers.BETA_SCHEDULES``).
 BetaSchedule = Literal["linear", "scaled_linear", "squaredcos_cap_v2"]
 #: Sampling schedulers by their short names (``schedulers.SCHEDULERS``).
-SamplerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "unipc"]
+SamplerName = Literal["ddpm", "ddim", "dpm", "euler", "euler_a", "heun", "unipc"]
 
 
 @dataclass
@@ -85,7 +91,18 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         beta_start: First beta of the linear schedules.
         beta_end: Last beta of the linear schedules.
         rescale_betas_zero_snr: Rescale the betas to reach zero terminal SNR (Lin et al. 2024).
-        prediction_type: Network target: ``epsilon``, ``v_prediction`` or ``sample``.
+        prediction_type: Network target: ``epsilon``, ``v_prediction`` or ``sample`` on the DDPM
+            schedule above, or ``flow_prediction``: flow matching (rectified flow, as SD3 and Flux),
+            ``x_t = (1 - sigma) x_0 + sigma * noise`` and the target ``noise - x_0``; the beta
+            arguments then do not apply, and the samplers are diffusers' flow schedulers.
+        weighting_scheme: Flow matching only (default ``logit_normal``): the noise-level density
+            ``logit_normal`` or ``mode``, the loss weighting ``sigma_sqrt`` or ``cosmap`` (uniform
+            levels), or ``none`` (uniform, unweighted); diffusers' ``training_utils`` functions.
+        logit_mean: Mean of the ``logit_normal`` density.
+        logit_std: Standard deviation of the ``logit_normal`` density.
+        mode_scale: Scale of the ``mode`` density.
+        flow_shift: Flow matching's resolution shift ``s -> shift * s / (1 + (shift - 1) * s)`` of the
+            noise levels, in training and sampling (SD3 uses 3.0 at 1024 px; 1.0 leaves them).
         loss_type: ``l2``, ``l1`` or ``huber`` (pseudo-Huber).
         huber_c: Transition point of the pseudo-Huber loss.
         snr_gamma: Min-SNR-gamma loss weighting (5.0 is the paper's choice); ``None`` disables it.
@@ -117,6 +134,11 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         beta_end: float = 0.02,
         rescale_betas_zero_snr: bool = False,
         prediction_type: PredictionType = "epsilon",
+        weighting_scheme: WeightingScheme | None = None,
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        flow_shift: float = 1.0,
         loss_type: LossType = "l2",
         huber_c: float = 0.1,
         snr_gamma: float | None = None,
@@ -139,6 +161,21 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         self.init_nonfinite_guard(nonfinite_loss)
         if snr_gamma is not None and snr_gamma <= 0:
             raise ValueError(f"snr_gamma={snr_gamma!r} must be > 0, or None to disable min-SNR weighting.")
+        if prediction_type == FLOW:
+            weighting_scheme = weighting_scheme or "logit_normal"
+            check_choice("weighting_scheme", weighting_scheme, WEIGHTING_SCHEMES)
+            if snr_gamma is not None:
+                raise ValueError(
+                    f"snr_gamma={snr_gamma!r} applies to DDPM noise schedules; prediction_type='flow_prediction' "
+                    f"weighs its loss by weighting_scheme (one of {list(WEIGHTING_SCHEMES)})."
+                )
+            if logit_std <= 0:
+                raise ValueError(f"logit_std={logit_std!r} must be > 0.")
+        elif weighting_scheme is not None:
+            raise ValueError(
+                f"weighting_scheme={weighting_scheme!r} applies to prediction_type='flow_prediction' only "
+                f"(prediction_type={prediction_type!r}); use snr_gamma to weigh a DDPM objective."
+            )
         if learning_rate <= 0:
             raise ValueError(f"learning_rate={learning_rate!r} must be > 0.")
         if noise_offset < 0:
@@ -158,8 +195,12 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
             beta_end=beta_end,
             prediction_type=prediction_type,
             rescale_betas_zero_snr=rescale_betas_zero_snr,
+            flow_shift=flow_shift,
         )
         self.prediction_type = prediction_type
+        self.weighting_scheme = weighting_scheme
+        self.logit_mean, self.logit_std, self.mode_scale = logit_mean, logit_std, mode_scale
+        self.flow_shift = flow_shift
         self.loss_type = loss_type
         self.huber_c = huber_c
         self.snr_gamma = snr_gamma
@@ -223,9 +264,25 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         self._generator.manual_seed(mix_seed(self.seed, *keys))
         return self._generator
 
+    @property
+    def is_flow(self) -> bool:
+        """Whether this module trains by flow matching (``prediction_type="flow_prediction"``)."""
+        return self.prediction_type == FLOW
+
     def sample_timesteps(self, batch_size: int, generator: torch.Generator, stratified: bool = False) -> torch.Tensor:
-        """Uniform integer timesteps; ``stratified`` spreads them evenly over ``[0, T)``."""
+        """Uniform integer timesteps; ``stratified`` spreads them evenly over ``[0, T)``.
+
+        Flow matching: ``sigma * T`` (floats) with ``sigma`` from the ``weighting_scheme``'s density,
+        shifted by ``flow_shift`` (``stratified``: one per equal-probability slice of the density).
+        """
         steps = self.noise_scheduler.config.num_train_timesteps
+        if self.is_flow:
+            sigmas = flow_sigmas(
+                batch_size, self.weighting_scheme, generator, logit_mean=self.logit_mean, logit_std=self.logit_std,
+                mode_scale=self.mode_scale, shift=self.flow_shift, num_train_timesteps=steps, stratified=stratified,
+                device=self.device,
+            )  # fmt: skip
+            return sigmas * steps
         if stratified:
             u = torch.rand(batch_size, generator=generator, device=self.device)
             t = ((torch.arange(batch_size, device=self.device) + u) * steps / batch_size).long()
@@ -253,10 +310,15 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         if self.input_perturbation:
             extra = torch.randn(sample.shape, generator=generator, device=sample.device, dtype=sample.dtype)
             input_noise = noise + self.input_perturbation * extra
-        noisy = self.noise_scheduler.add_noise(sample, input_noise, timesteps)
+        weights = None
+        if self.is_flow:
+            sigmas = timesteps.float() / self.noise_scheduler.config.num_train_timesteps
+            noisy = flow_noise(sample, input_noise, sigmas)
+            weights = flow_loss_weights(self.weighting_scheme, sigmas)
+        else:
+            noisy = self.noise_scheduler.add_noise(sample, input_noise, timesteps)
         prediction = self(noisy, timesteps, condition)
         target = training_target(self.noise_scheduler, sample, noise, timesteps, self.prediction_type)
-        weights = None
         if self.snr_gamma is not None:
             weights = min_snr_weights(snr(self.noise_scheduler, timesteps), self.snr_gamma, self.prediction_type)
         if sample_weights is not None:

@@ -22,11 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 from typing_extensions import override
 
-from diffusion_lightning.losses import PredictionType, check_choice
+from diffusion_lightning.losses import FLOW, PredictionType, check_choice
 from diffusion_lightning.modules.base import DiffusionModule, DiffusionStepOutput
 from diffusion_lightning.modules.ddpm import drop_class_labels
 from diffusion_lightning.modules.loading import load_pipeline_source, source_kind
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
+from diffusion_lightning.schedulers import flow_shift_of, is_flow
 
 __all__ = ["TEACHER_WEIGHTS", "KnowledgeDistillationModule", "Teacher", "TeacherWeights", "load_teacher"]
 
@@ -47,6 +48,8 @@ class Teacher:
 
     @property
     def prediction_type(self) -> str:
+        if is_flow(self.scheduler_config):
+            return FLOW
         return str(self.scheduler_config.get("prediction_type", "epsilon"))
 
     @property
@@ -124,6 +127,8 @@ class _TeacherStudentModule(DiffusionModule):
             if key in schedule:
                 kwargs[key] = schedule[key]
         kwargs["prediction_type"] = source.prediction_type
+        if source.prediction_type == FLOW:  # the student trains on the teacher's noise levels
+            kwargs["flow_shift"] = flow_shift_of(schedule)
         kwargs.setdefault("guidance_scale", source.guidance_scale)
         super().__init__(**kwargs)
         self.teacher_source = source

@@ -6,20 +6,24 @@ its ``scaling_factor``, shifted by ``shift_factor`` when it has one), captions b
 ``encoder_hidden_states`` through a CLIP text encoder, and prompt dropout trains the unconditional
 branch of classifier-free guidance. Only trained weights go into Lightning checkpoints; frozen
 parts are rebuilt from their source (the pretrained folder or the seeded component config) when a
-checkpoint is loaded.
+checkpoint is loaded. Stable Diffusion XL (two text encoders, size and crop conditioning) is
+:class:`~diffusion_lightning.modules.latent_xl.StableDiffusionXLModule`, a subclass; so is Flux
+(:class:`~diffusion_lightning.modules.flux.FluxModule`), whose denoiser is a transformer: the
+network's attribute and pipeline component name is the class's ``DENOISER``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Any, ClassVar, Literal, get_args
 
 import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from typing_extensions import override
 
-from diffusion_lightning.losses import PredictionType, check_choice
+from diffusion_lightning.losses import FLOW, PredictionType, check_choice
 from diffusion_lightning.modules.base import BetaSchedule, DiffusionModule
 from diffusion_lightning.modules.prior import PriorImages, prepare_prior, prior_training_step
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
@@ -33,6 +37,7 @@ from diffusion_lightning.nets.latent import (
     set_attention,
 )
 from diffusion_lightning.pipelines.conditioning import ConditionSpec
+from diffusion_lightning.schedulers import flow_shift_of, is_flow
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
 
@@ -44,6 +49,8 @@ TRAINING_MODES: tuple[str, ...] = get_args(TrainingMode)
 ATTENTION: tuple[str, ...] = get_args(AttentionBackend)
 UNET_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+#: The flow-matching samplers that Stable Diffusion (XL) pipelines can drive.
+FLOW_UNET_SAMPLERS = ("dpm", "unipc")
 
 
 class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
@@ -88,8 +95,10 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         validation_seed: Unused (kept so earlier checkpoints load); the sampling callbacks have a ``seed``.
         num_classes: Accepted for the CLI's data links; unused.
         class_names: Accepted for the CLI's data links; unused.
-        prediction_type: ``epsilon``, ``v_prediction`` or ``sample``; default the pretrained
-            scheduler's (else ``epsilon``).
+        prediction_type: ``epsilon``, ``v_prediction``, ``sample`` or ``flow_prediction`` (flow
+            matching; see :class:`~diffusion_lightning.modules.base.DiffusionModule`; it samples and
+            exports with DPM-Solver++ or UniPC in their flow mode); default the pretrained
+            scheduler's (a flow scheduler's: flow matching with its shift; else ``epsilon``).
         prior_data_dir: DreamBooth prior preservation (:mod:`~diffusion_lightning.modules.prior`): a folder
             of class images with a ``metadata.jsonl`` (``file_name``, ``text``); each training batch gets as
             many of them, and their loss counts ``prior_loss_weight`` times (logged as
@@ -158,8 +167,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
                 f"validation_negative_prompts has {negatives} entries; expected 1 or one per validation prompt "
                 f"({positives})."
             )
-        parts = load_components(pretrained, revision, variant) if pretrained else build_components(components)
+        parts = self.load_parts(pretrained, revision, variant) if pretrained else self.build_parts(components)
         scheduler_config = dict(parts["scheduler"].config) if pretrained else {}
+        if is_flow(scheduler_config):  # a flow-matching checkpoint trains on its own objective and shift
+            prediction_type = prediction_type or FLOW
+            # a dynamically shifting scheduler (Flux's) shifts per resolution at sampling only: it trains unshifted
+            dynamic = bool(scheduler_config.get("use_dynamic_shifting"))
+            kwargs.setdefault("flow_shift", 1.0 if dynamic else flow_shift_of(scheduler_config))
         prediction_type = prediction_type or scheduler_config.get("prediction_type") or "epsilon"
         super().__init__(
             num_train_timesteps=scheduler_config.get("num_train_timesteps", kwargs.pop("num_train_timesteps", 1000)),
@@ -172,13 +186,16 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         # SD's convention: "leading" spacing with an offset of one, as the checkpoints' schedulers have.
         # (built anew: from_config would treat a registered steps_offset as a default and drop it)
-        config = {k: v for k, v in self.noise_scheduler.config.items() if not k.startswith("_")}
-        config["steps_offset"] = scheduler_config.get("steps_offset", 1)
-        self.noise_scheduler = type(self.noise_scheduler)(**config)
-        self.unet = parts["unet"]
+        if not self.is_flow:
+            config = {k: v for k, v in self.noise_scheduler.config.items() if not k.startswith("_")}
+            config["steps_offset"] = scheduler_config.get("steps_offset", 1)
+            self.noise_scheduler = type(self.noise_scheduler)(**config)
+        setattr(self, self.DENOISER, parts[self.DENOISER])
         self.vae = parts["vae"]
-        self.text_encoder = parts["text_encoder"]
-        self.tokenizer = parts["tokenizer"]
+        #: The source's scheduler config (pretrained or built), for samplers that need more than the noise schedule.
+        self.source_scheduler_config = dict(parts["scheduler"].config)
+        for name in (*self.TEXT_ENCODERS, *self.TOKENIZERS):
+            setattr(self, name, parts[name])
         self.num_classes, self.class_names = num_classes, class_names  # not class-conditional: kept as given
         self.training_mode = training_mode
         self.train_text_encoder = training_mode == "text_encoder" or (training_mode == "full" and train_text_encoder)
@@ -186,7 +203,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self.text_encoder_learning_rate = text_encoder_learning_rate
         self.prompt_dropout = prompt_dropout
         self.latent_cache_dir = latent_cache_dir
-        self.image_size = image_size or int(self.unet.config.sample_size) * self.vae_scale_factor
+        self.image_size = image_size or self.default_image_size()
         self.validation_prompts = list(validation_prompts or [])
         self.validation_negative_prompts = list(validation_negative_prompts or [])
         self.validation_seed = validation_seed
@@ -195,10 +212,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
             list(lora_target_modules or UNET_LORA_TARGETS), list(text_encoder_lora_target_modules or TEXT_LORA_TARGETS)
         )
         if gradient_checkpointing:
-            self.unet.enable_gradient_checkpointing()
-            if self.train_text_encoder or self.lora_text_encoder:
-                self.text_encoder.gradient_checkpointing_enable()
-        set_attention(self.unet, attention)
+            self.denoiser.enable_gradient_checkpointing()
+            if self.trains_text:
+                for encoder in self.text_encoders:
+                    # transformers 5 renamed it (the old name warns); older versions have only the old one
+                    enable = getattr(encoder, "activation_checkpointing_enable", None)
+                    (enable or encoder.gradient_checkpointing_enable)()
+        set_attention(self.denoiser, attention)
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
@@ -207,32 +227,68 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
 
     # ------------------------------------------------------------------ set-up
 
+    #: Attribute (and pipeline component) name of the denoising network.
+    DENOISER: ClassVar[str] = "unet"
+    #: Attribute names of the text encoders, in the order their embeddings are concatenated.
+    TEXT_ENCODERS: ClassVar[tuple[str, ...]] = ("text_encoder",)
+    #: Attribute names of their tokenizers (one per text encoder, same order).
+    TOKENIZERS: ClassVar[tuple[str, ...]] = ("tokenizer",)
+    text_encoder: Any
+    tokenizer: Any
+
+    @classmethod
+    def load_parts(cls, pretrained: str, revision: str | None = None, variant: str | None = None) -> dict[str, Any]:
+        """The components of the ``pretrained`` pipeline folder or hub id (one per pipeline component name)."""
+        return load_components(pretrained, revision, variant)
+
+    @classmethod
+    def build_parts(cls, components: Any = None) -> dict[str, Any]:
+        """Components built from the ``components`` config (seeded: the same config gives the same weights)."""
+        return build_components(components)
+
+    @property
+    def text_encoders(self) -> list[Any]:
+        return [getattr(self, name) for name in self.TEXT_ENCODERS]
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        return [getattr(self, name) for name in self.TOKENIZERS]
+
+    @property
+    def trains_text(self) -> bool:
+        """Whether any text-encoder weight (its own or its adapters') trains."""
+        return self.train_text_encoder or self.lora_text_encoder
+
     @property
     def vae_scale_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    def default_image_size(self) -> int:
+        """Height and width of images when ``image_size`` is not given: the UNet's ``sample_size``, in pixels."""
+        return int(self.unet.config.sample_size) * self.vae_scale_factor
+
     def _freeze(self, unet_targets: list[str], text_targets: list[str]) -> None:
         self.vae.requires_grad_(False)
-        self.unet.requires_grad_(self.training_mode == "full")
-        self.text_encoder.requires_grad_(self.train_text_encoder)
+        self.denoiser.requires_grad_(self.training_mode == "full")
+        for encoder in self.text_encoders:
+            encoder.requires_grad_(self.train_text_encoder)
         if self.training_mode == "lora":
-            add_lora_adapters(
-                self.unet, self.lora_config, unet_targets, self.text_encoder if self.lora_text_encoder else None,
-                text_targets,
-            )  # fmt: skip
+            adapted = self.text_encoders if self.lora_text_encoder else []
+            add_lora_adapters(self.denoiser, self.lora_config, unet_targets, adapted, text_targets)
 
     @override
     def train(self, mode: bool = True) -> LatentDiffusionModule:
         super().train(mode)
         self.vae.eval()  # frozen parts stay in inference mode (dropout off) while the rest trains
-        if not (self.train_text_encoder or self.lora_text_encoder):
-            self.text_encoder.eval()
+        if not self.trains_text:
+            for encoder in self.text_encoders:
+                encoder.eval()
         return self
 
     @property
     @override
     def denoiser(self) -> torch.nn.Module:
-        return self.unet
+        return getattr(self, self.DENOISER)
 
     # ------------------------------------------------------------------ conditioning
 
@@ -246,9 +302,14 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         )
 
     def tokenize(self, prompts: list[str]) -> torch.Tensor:
-        """Token ids ``(B, model_max_length)``; prompts longer than that are truncated, with one warning."""
-        tokenizer = self.tokenizer
-        max_length = tokenizer.model_max_length
+        """Token ids ``(B, model_max_length)``, one block per tokenizer side by side.
+
+        Prompts longer than ``model_max_length`` tokens are truncated, with one warning.
+        """
+        return torch.cat([self._tokenize(tokenizer, prompts) for tokenizer in self.tokenizers], dim=1)
+
+    def _tokenize(self, tokenizer: Any, prompts: list[str], max_length: int | None = None) -> torch.Tensor:
+        max_length = max_length or tokenizer.model_max_length
         if not self._warned_truncation:
             lengths = [len(ids) for ids in tokenizer(list(prompts)).input_ids]
             too_long = [p for p, n in zip(prompts, lengths) if n > max_length]
@@ -263,9 +324,13 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         )
         return ids.input_ids.to(self.device)
 
+    def text_gradients(self) -> contextlib.AbstractContextManager[None]:
+        """A context that keeps gradients through the text encoders only when one of them trains."""
+        return torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text)
+
     def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """``encoder_hidden_states`` of token ids (with gradients only when the text encoder trains)."""
-        with torch.set_grad_enabled(torch.is_grad_enabled() and (self.train_text_encoder or self.lora_text_encoder)):
+        with self.text_gradients():
             return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
 
     @property
@@ -276,10 +341,17 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
 
     @override
     def drop_condition(self, condition: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Replace the prompt of some rows (probability ``prompt_dropout``) by the empty prompt's token ids.
+
+        The prompt is the first columns of ``condition``; any columns after it (a subclass's extra
+        conditioning) are kept: only the text is dropped.
+        """
         if self.prompt_dropout == 0:
             return condition
         drop = torch.rand(condition.shape[0], generator=generator, device=condition.device) < self.prompt_dropout
-        return torch.where(drop.unsqueeze(1), self.empty_prompt_ids.to(condition.device), condition)
+        empty = self.empty_prompt_ids.to(condition.device)
+        prompts = torch.where(drop.unsqueeze(1), empty, condition[:, : empty.shape[0]])
+        return torch.cat([prompts, condition[:, empty.shape[0] :]], dim=1)
 
     # ------------------------------------------------------------------ latents
 
@@ -308,14 +380,18 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         latents = DiagonalGaussianDistribution(self.posterior_parameters(images, keys)).sample(generator)
         config = self.vae.config
         shift = getattr(config, "shift_factor", None) or 0.0
-        return ((latents - shift) * config.scaling_factor).to(self.unet.dtype)
+        return ((latents - shift) * config.scaling_factor).to(self.denoiser.dtype)
 
-    @override
-    def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def prompt_ids(self, batch: Any) -> torch.Tensor:
+        """The token ids of a batch: its ``input_ids`` when it has them, else its ``captions`` tokenized."""
         input_ids = batch.get("input_ids")
         if input_ids is None:
             input_ids = self.tokenize(batch["captions"])
-        return self.encode_images(batch["images"], generator, batch.get("keys")), input_ids.to(self.device)
+        return input_ids.to(self.device)
+
+    @override
+    def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.encode_images(batch["images"], generator, batch.get("keys")), self.prompt_ids(batch)
 
     @override
     def training_step(self, batch: Any, batch_idx: int) -> dict[str, Any]:
@@ -333,11 +409,12 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
 
     @override
     def parameter_groups(self) -> list[dict[str, Any]]:
-        text_ids = {id(p) for p in self.text_encoder.parameters()}
+        text_params = [p for encoder in self.text_encoders for p in encoder.parameters()]
+        text_ids = {id(p) for p in text_params}
         groups: list[dict[str, Any]] = []
         for params, lr in (
             ([p for p in self.parameters() if p.requires_grad and id(p) not in text_ids], self.learning_rate),
-            ([p for p in self.text_encoder.parameters() if p.requires_grad], self.text_encoder_learning_rate),
+            ([p for p in text_params if p.requires_grad], self.text_encoder_learning_rate),
         ):
             lr = lr or self.learning_rate
             decay = [p for p in params if p.ndim > 1]
@@ -364,31 +441,66 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
 
     # ------------------------------------------------------------------ pipelines and export
 
-    @override
-    def build_pipeline(self, scheduler: str | None = None) -> Any:
+    def pipeline_class(self) -> type[Any]:
+        """The diffusers pipeline class of this model: what ``build_pipeline`` and ``export`` make."""
         from diffusers import StableDiffusionPipeline
 
-        return StableDiffusionPipeline(
-            vae=self.vae,
-            text_encoder=self.text_encoder,
-            tokenizer=self.tokenizer,
-            unet=self.unet,
-            scheduler=self.sampling_scheduler(scheduler),
-            safety_checker=None,
-            feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        return StableDiffusionPipeline
+
+    def pipeline_options(self) -> dict[str, Any]:
+        """Arguments of the pipeline besides its components (no safety checker: this is a training library)."""
+        return {"safety_checker": None, "feature_extractor": None, "requires_safety_checker": False}
+
+    def pipeline_components(self) -> dict[str, Any]:
+        """The module's own VAE, denoiser, text encoders and tokenizers, by their pipeline component names."""
+        names = ("vae", self.DENOISER, *self.TEXT_ENCODERS, *self.TOKENIZERS)
+        return {name: getattr(self, name) for name in names}
+
+    def make_pipeline(self, parts: dict[str, Any]) -> Any:
+        """A :meth:`pipeline_class` pipeline of ``parts`` (every component, the scheduler included)."""
+        return self.pipeline_class()(**parts, **self.pipeline_options())
+
+    @override
+    def build_pipeline(self, scheduler: str | None = None) -> Any:
+        return self.make_pipeline({**self.pipeline_components(), "scheduler": self.sampling_scheduler(scheduler)})
+
+    @override
+    def sampling_scheduler(self, name: str | None = None):
+        """The named sampler; a flow-matching model's must be one the Stable Diffusion pipelines can drive.
+
+        ``StableDiffusionPipeline`` and ``StableDiffusionXLPipeline`` scale the initial noise by the
+        scheduler's ``init_noise_sigma`` and call its ``scale_model_input``, which diffusers' FlowMatch
+        schedulers do not have; DPM-Solver++ and UniPC in their flow mode have both.
+        """
+        name = name or self.sampler
+        if self.is_flow and name not in FLOW_UNET_SAMPLERS:
+            raise ValueError(
+                f"sampler={name!r}: a flow-matching {self.pipeline_class().__name__} samples with one of "
+                f"{list(FLOW_UNET_SAMPLERS)} (diffusers' FlowMatch schedulers lack the init_noise_sigma and "
+                "scale_model_input that pipeline calls)."
+            )
+        return super().sampling_scheduler(name)
 
     def lora_state_dicts(self) -> dict[str, dict[str, torch.Tensor]]:
-        """The adapters in diffusers' layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``)."""
-        return lora_layers(self.unet, self.text_encoder if self.lora_text_encoder else None)
+        """The adapters in diffusers' layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``, ...)."""
+        return lora_layers(self.unet, *(self.text_encoders if self.lora_text_encoder else []))
+
+    def lora_metadata(self) -> dict[str, dict[str, Any]]:
+        """Each adapted network's LoRA config (rank, alpha, targets), as ``save_lora_weights``'s ``*_adapter_metadata``.
+
+        Stored in the file, it is what ``load_lora_weights`` builds the adapters from; without it
+        diffusers takes ``lora_alpha`` to be the rank, and adapters trained with another alpha
+        would load with the wrong scale.
+        """
+        names = [self.DENOISER, *(self.TEXT_ENCODERS if self.lora_text_encoder else [])]
+        return {f"{name}_lora_adapter_metadata": getattr(self, name).peft_config["default"].to_dict() for name in names}
 
     def base_components(self) -> dict[str, Any]:
         """Fresh, adapter-free components from this module's source (the pretrained folder or the config)."""
         hparams = self.hparams
         if hparams.get("pretrained"):
-            return load_components(hparams["pretrained"], hparams.get("revision"), hparams.get("variant"))
-        return build_components(hparams.get("components"))
+            return self.load_parts(hparams["pretrained"], hparams.get("revision"), hparams.get("variant"))
+        return self.build_parts(hparams.get("components"))
 
     @override
     def export_pipeline(
@@ -396,7 +508,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
     ) -> Path:
         """Write a pipeline folder, atomically.
 
-        ``full`` and ``text_encoder`` modes write a complete ``StableDiffusionPipeline`` folder. ``lora``
+        ``full`` and ``text_encoder`` modes write a complete :meth:`pipeline_class` folder. ``lora``
         mode writes the adapters alone (``pytorch_lora_weights.safetensors``, loadable with
         ``load_lora_weights`` on the base model), or with ``merge_lora`` a complete pipeline whose
         weights have the adapters fused in (built on fresh base components, so no adapter layer
@@ -404,13 +516,12 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         """
         if self.training_mode != "lora":
             return super().export_pipeline(path, scheduler)
-        from diffusers import StableDiffusionPipeline
-
         with atomic_directory(path) as tmp:
-            StableDiffusionPipeline.save_lora_weights(tmp, **self.lora_state_dicts(), safe_serialization=True)
+            adapters = {**self.lora_state_dicts(), **self.lora_metadata()}
+            self.pipeline_class().save_lora_weights(tmp, **adapters, safe_serialization=True)
             if merge_lora:
                 parts = {**self.base_components(), "scheduler": self.sampling_scheduler(scheduler)}
-                merged = fused_lora_pipeline(parts, tmp)
+                merged = fused_lora_pipeline(self.make_pipeline(parts), tmp)
                 (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
                 merged.save_pretrained(tmp, safe_serialization=True)
         return Path(path)

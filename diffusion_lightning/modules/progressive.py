@@ -104,6 +104,12 @@ class ProgressiveDistillationModule(_TeacherStudentModule):
             prediction_type,
             **kwargs,
         )
+        if self.is_flow:
+            raise ValueError(
+                f"teacher={teacher!r} is a flow-matching model (prediction_type='flow_prediction'); progressive "
+                "distillation halves DDIM steps on a DDPM noise schedule and does not apply to it. Distil it into a "
+                "smaller student with KnowledgeDistillationModule, or sample it with fewer flow steps."
+            )
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler"])
         self.unet = copy.deepcopy(self.teacher).requires_grad_(True).train()
         self.teacher_steps = teacher_steps

@@ -11,24 +11,38 @@ byte symbols, a handful of merges) without downloading a vocabulary.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
 __all__ = [
     "SUBFOLDERS",
     "LatentComponents",
+    "add_lora_adapters",
+    "as_components",
     "build_components",
+    "check_latent_channels",
+    "check_not_sdxl",
+    "check_subfolders",
+    "clip_text_config",
+    "component_scheduler",
+    "component_tokenizer",
+    "component_vae",
     "fused_lora_pipeline",
     "load_components",
+    "load_subfolders",
     "lora_layers",
+    "seeded",
+    "set_attention",
+    "vae_source",
     "write_byte_level_tokenizer",
 ]
 
@@ -186,35 +200,19 @@ class LatentComponents:
     """Seed of the random initialisation: the same config always builds the same weights."""
 
 
+ComponentsT = TypeVar("ComponentsT", bound=LatentComponents)
+
+
 def build_components(config: LatentComponents | dict[str, Any] | None = None) -> dict[str, Any]:
     """``unet``, ``vae``, ``text_encoder``, ``tokenizer`` and ``scheduler`` built from ``config``."""
-    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
+    from diffusers import UNet2DConditionModel
+    from transformers import CLIPTextModel
 
-    if config is None:
-        config = LatentComponents()
-    elif isinstance(config, dict):
-        config = LatentComponents(**config)
-    if config.tokenizer == "byte-level":
-        folder = _byte_level_tokenizer_folder(config.model_max_length, tuple(config.words))
-        tokenizer = CLIPTokenizer.from_pretrained(folder)
-    else:
-        if not Path(config.tokenizer).is_dir():
-            raise FileNotFoundError(f"components.tokenizer={config.tokenizer!r} is not a folder (or 'byte-level').")
-        tokenizer = CLIPTokenizer.from_pretrained(config.tokenizer)
-    text_config = CLIPTextConfig(
-        **{
-            "vocab_size": len(tokenizer),
-            "max_position_embeddings": tokenizer.model_max_length,
-            "bos_token_id": tokenizer.bos_token_id,
-            "eos_token_id": tokenizer.eos_token_id,
-            "pad_token_id": tokenizer.pad_token_id,
-            **config.text_encoder,
-        }
-    )
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.seed)
-        vae = _pretrained_vae(config.pretrained_vae) if config.pretrained_vae else AutoencoderKL(**config.vae)
+    config = as_components(config, LatentComponents)
+    tokenizer = component_tokenizer(config)
+    text_config = clip_text_config(tokenizer, config.text_encoder)
+    with seeded(config.seed):
+        vae = component_vae(config)
         text_encoder = CLIPTextModel(text_config)
         unet_kwargs = {
             "in_channels": vae.config.latent_channels,
@@ -222,11 +220,89 @@ def build_components(config: LatentComponents | dict[str, Any] | None = None) ->
             "cross_attention_dim": text_config.hidden_size,
             **config.unet,
         }
+        check_not_sdxl(unet_kwargs.get("addition_embed_type"), "components.unet")
         unet = UNet2DConditionModel(**unet_kwargs)
-    scheduler = DDPMScheduler(**config.scheduler)
-    vae_source = f"components.pretrained_vae={config.pretrained_vae!r}" if config.pretrained_vae else "components.vae"
-    check_latent_channels(unet, vae, "components.unet", vae_source)
-    return {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer, "scheduler": scheduler}
+    check_latent_channels(unet, vae, "components.unet", vae_source(config))
+    parts = {"unet": unet, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer}
+    return {**parts, "scheduler": component_scheduler(config)}
+
+
+def as_components(config: ComponentsT | dict[str, Any] | None, cls: type[ComponentsT]) -> ComponentsT:
+    """``config`` as a ``cls`` instance: ``None`` gives the defaults, a dictionary its keyword arguments."""
+    if config is None:
+        return cls()
+    if isinstance(config, dict):
+        return cls(**config)
+    return config
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Draw from torch's CPU generator seeded with ``seed``, leaving the caller's random state as it was."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def component_tokenizer(config: LatentComponents) -> Any:
+    """The ``CLIPTokenizer`` of ``config.tokenizer``: the byte-level one, or a tokenizer folder."""
+    from transformers import CLIPTokenizer
+
+    if config.tokenizer == "byte-level":
+        return CLIPTokenizer.from_pretrained(_byte_level_tokenizer_folder(config.model_max_length, tuple(config.words)))
+    if not Path(config.tokenizer).is_dir():
+        raise FileNotFoundError(f"components.tokenizer={config.tokenizer!r} is not a folder (or 'byte-level').")
+    return CLIPTokenizer.from_pretrained(config.tokenizer)
+
+
+def clip_text_config(tokenizer: Any, overrides: dict[str, Any]) -> Any:
+    """A ``CLIPTextConfig`` sized to ``tokenizer`` (vocabulary, positions, special tokens), then ``overrides``."""
+    from transformers import CLIPTextConfig
+
+    return CLIPTextConfig(
+        **{
+            "vocab_size": len(tokenizer),
+            "max_position_embeddings": tokenizer.model_max_length,
+            "bos_token_id": tokenizer.bos_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "pad_token_id": tokenizer.pad_token_id,
+            **overrides,
+        }
+    )
+
+
+def component_vae(config: LatentComponents) -> Any:
+    """The ``AutoencoderKL`` of ``config``: the ``pretrained_vae`` folder, else a random one of ``config.vae``."""
+    from diffusers import AutoencoderKL
+
+    return _pretrained_vae(config.pretrained_vae) if config.pretrained_vae else AutoencoderKL(**config.vae)
+
+
+def vae_source(config: LatentComponents) -> str:
+    """Where the VAE of ``config`` comes from, for error messages."""
+    return f"components.pretrained_vae={config.pretrained_vae!r}" if config.pretrained_vae else "components.vae"
+
+
+def component_scheduler(config: LatentComponents) -> Any:
+    """The ``DDPMScheduler`` of ``config.scheduler``."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(**config.scheduler)
+
+
+def check_not_sdxl(addition_embed_type: str | None, source: str) -> None:
+    """Refuse an SDXL UNet (``addition_embed_type='text_time'``) where one CLIP text encoder conditions the model.
+
+    Such a UNet needs a pooled text embedding and size/crop time ids at every call, which only
+    :class:`~diffusion_lightning.modules.latent_xl.StableDiffusionXLModule` provides; without this
+    check the model would fail at its first training step, deep inside diffusers.
+    """
+    if addition_embed_type == "text_time":
+        raise ValueError(
+            f"{source} has addition_embed_type='text_time' (an SDXL UNet, conditioned on a pooled text embedding "
+            "and size/crop time ids); LatentDiffusionModule accepts None or 'text'. Train it with "
+            "diffusion_lightning.StableDiffusionXLModule."
+        )
 
 
 def _pretrained_vae(source: str) -> Any:
@@ -251,17 +327,20 @@ def check_latent_channels(unet: Any, vae: Any, unet_source: str, vae_source: str
         )
 
 
-def _check_subfolders(pretrained: str) -> None:
+def check_subfolders(
+    pretrained: str, subfolders: Sequence[str] = SUBFOLDERS, writer: str = "StableDiffusionPipeline"
+) -> None:
+    """Raise ``FileNotFoundError`` naming what a local ``pretrained`` folder lacks (a hub id is left to the hub)."""
     root = Path(pretrained)
     if not root.exists():
         return  # a hub id: from_pretrained resolves (and reports) it
     if not root.is_dir():
         raise FileNotFoundError(f"pretrained={pretrained!r} is a file; expected a pipeline folder or a hub id.")
-    missing = [name for name in SUBFOLDERS if not (root / name).is_dir()]
+    missing = [name for name in subfolders if not (root / name).is_dir()]
     if missing:
         raise FileNotFoundError(
-            f"pretrained={pretrained!r} lacks the subfolder(s) {missing}; a Stable Diffusion pipeline folder has "
-            f"{list(SUBFOLDERS)} (as written by StableDiffusionPipeline.save_pretrained)."
+            f"pretrained={pretrained!r} lacks the subfolder(s) {missing}; a {writer} folder has "
+            f"{list(subfolders)} (as written by {writer}.save_pretrained)."
         )
 
 
@@ -272,20 +351,41 @@ def load_components(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    _check_subfolders(pretrained)
+    check_subfolders(pretrained)
+    classes = {
+        "tokenizer": CLIPTokenizer,
+        "text_encoder": CLIPTextModel,
+        "vae": AutoencoderKL,
+        "unet": UNet2DConditionModel,
+        "scheduler": DDPMScheduler,
+    }
+    parts = load_subfolders(pretrained, classes, revision, variant, torch_dtype)
+    where = f"pretrained={pretrained!r}"
+    check_not_sdxl(parts["unet"].config.get("addition_embed_type"), f"the unet of {where}")
+    check_latent_channels(parts["unet"], parts["vae"], f"the unet of {where}", f"the vae of {where}")
+    return parts
+
+
+def load_subfolders(
+    pretrained: str,
+    classes: dict[str, Any],
+    revision: str | None = None,
+    variant: str | None = None,
+    torch_dtype: Any = None,
+) -> dict[str, Any]:
+    """Each ``classes[name].from_pretrained(pretrained, subfolder=name)``, in the order of ``classes``.
+
+    Tokenizers and schedulers get the ``revision`` alone; models also the weights ``variant`` and
+    ``torch_dtype`` (which the others do not accept).
+    """
     common: dict[str, Any] = {"revision": revision}
     weights: dict[str, Any] = {**common, "variant": variant}
     if torch_dtype is not None:
         weights["torch_dtype"] = torch_dtype
-    parts = {
-        "tokenizer": CLIPTokenizer.from_pretrained(pretrained, subfolder="tokenizer", **common),
-        "text_encoder": CLIPTextModel.from_pretrained(pretrained, subfolder="text_encoder", **weights),
-        "vae": AutoencoderKL.from_pretrained(pretrained, subfolder="vae", **weights),
-        "unet": UNet2DConditionModel.from_pretrained(pretrained, subfolder="unet", **weights),
-        "scheduler": DDPMScheduler.from_pretrained(pretrained, subfolder="scheduler", **common),
-    }
-    where = f"pretrained={pretrained!r}"
-    check_latent_channels(parts["unet"], parts["vae"], f"the unet of {where}", f"the vae of {where}")
+    parts = {}
+    for name, cls in classes.items():
+        is_model = isinstance(cls, type) and issubclass(cls, torch.nn.Module)
+        parts[name] = cls.from_pretrained(pretrained, subfolder=name, **(weights if is_model else common))
     return parts
 
 
@@ -293,20 +393,21 @@ def add_lora_adapters(
     unet: Any,
     config: dict[str, Any],
     unet_targets: list[str],
-    text_encoder: Any = None,
+    text_encoders: Sequence[Any] = (),
     text_targets: list[str] | None = None,
 ) -> None:
-    """peft LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` of ``config``) on the UNet (and the text encoder)."""
+    """peft LoRA adapters (``r``, ``lora_alpha``, ``lora_dropout`` of ``config``) on the UNet and the text encoders."""
     from peft import LoraConfig
 
     unet.add_adapter(LoraConfig(**config, init_lora_weights="gaussian", target_modules=unet_targets))
-    if text_encoder is not None:
+    if text_encoders:
         # peft's own injection (what diffusers' load_lora_weights uses for text encoders): transformers'
         # add_adapter wrapper demands a newer peft than diffusers does.
         from peft import inject_adapter_in_model
 
         text_config = LoraConfig(**config, init_lora_weights="gaussian", target_modules=text_targets)
-        inject_adapter_in_model(text_config, text_encoder, adapter_name="default")
+        for text_encoder in text_encoders:
+            inject_adapter_in_model(text_config, text_encoder, adapter_name="default")
 
 
 def set_attention(unet: Any, attention: str) -> None:
@@ -323,10 +424,11 @@ def set_attention(unet: Any, attention: str) -> None:
         unet.set_attn_processor(AttnProcessor())
 
 
-def lora_layers(unet: Any, text_encoder: Any = None) -> dict[str, dict[str, torch.Tensor]]:
-    """peft adapters in diffusers' LoRA layout: ``unet_lora_layers`` (and ``text_encoder_lora_layers``).
+def lora_layers(unet: Any, text_encoder: Any = None, text_encoder_2: Any = None) -> dict[str, dict[str, torch.Tensor]]:
+    """The peft adapters as ``unet_lora_layers`` (and ``text_encoder_lora_layers``, ``text_encoder_2_lora_layers``).
 
-    What ``StableDiffusionPipeline.save_lora_weights`` takes. The UNet's stay in peft's names
+    What ``StableDiffusionPipeline.save_lora_weights`` (``StableDiffusionXLPipeline``'s with both
+    text encoders) takes. The UNet's stay in peft's names
     (``lora_A``/``lora_B``), which ``load_lora_weights`` reads as they are: diffusers' older layout
     (``convert_state_dict_to_diffusers``) renames a UNet module called ``k_proj`` (the attention
     pooling of ``addition_embed_type="text"``) to a text-encoder key that the UNet loader then
@@ -338,23 +440,19 @@ def lora_layers(unet: Any, text_encoder: Any = None) -> dict[str, dict[str, torc
     from peft.utils import get_peft_model_state_dict
 
     layers = {"unet_lora_layers": get_peft_model_state_dict(unet)}
-    if text_encoder is not None:
-        adapters = {k.replace(".default", ""): v.detach() for k, v in text_encoder.state_dict().items() if "lora_" in k}
-        layers["text_encoder_lora_layers"] = convert_state_dict_to_diffusers(adapters)
+    for name, encoder in (("text_encoder_lora_layers", text_encoder), ("text_encoder_2_lora_layers", text_encoder_2)):
+        if encoder is not None:
+            adapters = {k.replace(".default", ""): v.detach() for k, v in encoder.state_dict().items() if "lora_" in k}
+            layers[name] = convert_state_dict_to_diffusers(adapters)
     return layers
 
 
-def fused_lora_pipeline(parts: dict[str, Any], lora_dir: str | os.PathLike[str]) -> Any:
-    """A ``StableDiffusionPipeline`` of adapter-free ``parts`` with the LoRA in ``lora_dir`` fused into its weights.
+def fused_lora_pipeline(pipeline: Any, lora_dir: str | os.PathLike[str]) -> Any:
+    """``pipeline`` (of adapter-free components) with the LoRA in ``lora_dir`` fused into its weights.
 
     Loading, fusing and unloading through diffusers leaves plain weights (no peft ``base_layer``
     wrappers), so the pipeline saves to a folder that ``from_pretrained`` loads as a base model.
     """
-    from diffusers import StableDiffusionPipeline
-
-    pipeline = StableDiffusionPipeline(
-        **parts, safety_checker=None, feature_extractor=None, requires_safety_checker=False
-    )
     pipeline.load_lora_weights(lora_dir)
     pipeline.fuse_lora()
     pipeline.unload_lora_weights()

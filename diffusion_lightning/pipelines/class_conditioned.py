@@ -250,7 +250,8 @@ class ClassConditionedPipeline(DiffusionPipeline):
             latents = randn_tensor(shape, generator=generator, device=device, dtype=self.unet.dtype)
         elif tuple(latents.shape) != shape:
             raise ValueError(f"latents has shape {tuple(latents.shape)}, expected {shape}.")
-        latents = latents.to(device=device, dtype=self.unet.dtype) * self.scheduler.init_noise_sigma
+        # flow-matching schedulers start from unit noise and have no input scaling
+        latents = latents.to(device=device, dtype=self.unet.dtype) * getattr(self.scheduler, "init_noise_sigma", 1.0)
 
         labels = labels.to(device)
         null = torch.full_like(labels, self.num_classes)
@@ -266,7 +267,8 @@ class ClassConditionedPipeline(DiffusionPipeline):
         step_kwargs = self._extra_step_kwargs(generator, eta)
         for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
             model_input = torch.cat([latents, latents]) if do_cfg else latents
-            model_input = self.scheduler.scale_model_input(model_input, t)
+            if hasattr(self.scheduler, "scale_model_input"):
+                model_input = self.scheduler.scale_model_input(model_input, t)
             noise_pred = self.unet(model_input, t, class_labels=model_labels).sample
             if do_cfg:
                 uncond, cond = noise_pred.chunk(2)
