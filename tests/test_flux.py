@@ -7,10 +7,7 @@ of the exported model would, and compare its images with the module's own.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -23,65 +20,20 @@ from diffusion_lightning.cli import main
 from diffusion_lightning.commands import export, sample
 from diffusion_lightning.nets.flux import build_flux_components
 from tests.conftest import REPO, quiet_trainer
+from tests.fresh_pipelines import run_fresh
 from tests.test_latent import loader
 
 CONFIG = REPO / "configs" / "smoke" / "flux_tiny.yaml"
 PROMPT = "a handwritten digit seven"
 
-#: Run in a fresh process with diffusers alone: load each pipeline folder recording every warning
-#: of diffusers, transformers and Python, optionally load a LoRA file into it, and generate.
-FRESH_PROCESS = r"""
-import json, logging, sys, traceback, warnings
-import torch
-from diffusers import FluxPipeline
-from diffusers.utils import logging as diffusers_logging
-from transformers.utils import logging as transformers_logging
-
-jobs, out = json.loads(sys.argv[1]), sys.argv[2]
-records = []
-
-class Keep(logging.Handler):
-    def emit(self, record):
-        records.append(f"{record.name}: {record.getMessage()}")
-
-for library in (diffusers_logging, transformers_logging):
-    library.set_verbosity_warning()
-    library.disable_progress_bar()
-    library.get_logger().addHandler(Keep())
-result = {"warnings": {}, "images": {}, "errors": {}}
-for name, job in jobs.items():
-    records.clear()
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        pipeline = FluxPipeline.from_pretrained(job["folder"])
-        if job.get("lora"):
-            pipeline.load_lora_weights(job["lora"])
-    result["warnings"][name] = records + [f"{w.category.__name__}: {w.message}" for w in caught]
-    pipeline.set_progress_bar_config(disable=True)
-    try:
-        images = pipeline(job["prompt"], num_inference_steps=2, guidance_scale=3.5, height=16, width=16,
-                          generator=torch.Generator().manual_seed(0), output_type="pt").images
-        result["images"][name] = images
-    except Exception:  # reported after the warnings, which say why
-        result["errors"][name] = traceback.format_exc()
-torch.save(result, out)
-"""
 #: What diffusers logs when a Flux LoRA file adapts the transformer alone (as its own Flux training
 #: scripts write them by default): informational, the file is complete.
 NO_TEXT_ENCODER_LORA = "No LoRA keys associated to CLIPTextModel"
 
 
 def fresh_process(tmp_path: Path, jobs: dict[str, dict]) -> dict:
-    """Run :data:`FRESH_PROCESS` on ``jobs``; its ``warnings``, ``images`` and generation ``errors`` per job."""
-    out = tmp_path / "fresh.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("DIFFUSERS_VERBOSITY", None)
-    done = subprocess.run(
-        [sys.executable, "-c", FRESH_PROCESS, json.dumps(jobs), str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    """``jobs`` loaded by ``FluxPipeline`` in a diffusers-only process (``run_fresh``)."""
+    return run_fresh(tmp_path, "FluxPipeline", jobs, guidance_scale=3.5)
 
 
 def images(pipeline: FluxPipeline, prompt: str = PROMPT) -> torch.Tensor:

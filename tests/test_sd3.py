@@ -6,10 +6,6 @@ tests' script, with ``StableDiffusion3Pipeline``) and compare its images with th
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -19,22 +15,13 @@ from safetensors.torch import load_file
 
 from diffusion_lightning import SD3Components, StableDiffusion3Module
 from diffusion_lightning.nets.sd3 import build_sd3_components
-from tests.test_flux import FRESH_PROCESS, NO_TEXT_ENCODER_LORA, PROMPT, fit
-
-SD3_FRESH_PROCESS = FRESH_PROCESS.replace("FluxPipeline", "StableDiffusion3Pipeline")
+from tests.fresh_pipelines import run_fresh
+from tests.test_flux import NO_TEXT_ENCODER_LORA, PROMPT, fit
 
 
 def fresh_process(tmp_path: Path, jobs: dict[str, dict]) -> dict:
-    """Run the fresh-process script on ``jobs``; its ``warnings``, ``images`` and generation ``errors`` per job."""
-    out = tmp_path / "fresh.pt"
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    env.pop("DIFFUSERS_VERBOSITY", None)
-    done = subprocess.run(
-        [sys.executable, "-c", SD3_FRESH_PROCESS, json.dumps(jobs), str(out)],
-        capture_output=True, text=True, env=env, timeout=300,
-    )  # fmt: skip
-    assert done.returncode == 0, done.stderr[-3000:]
-    return torch.load(out, weights_only=False)
+    """``jobs`` loaded by ``StableDiffusion3Pipeline`` in a diffusers-only process (``run_fresh``)."""
+    return run_fresh(tmp_path, "StableDiffusion3Pipeline", jobs, guidance_scale=3.5)
 
 
 def images(pipeline: StableDiffusion3Pipeline) -> torch.Tensor:

@@ -177,19 +177,6 @@ class FluxModule(LatentDiffusionModule):
         """The T5 hidden states (``prompt_embeds``) of :meth:`encode_prompt`."""
         return self.encode_prompt(input_ids)[0]
 
-    @override
-    def prompt_ids(self, batch: Any) -> torch.Tensor:
-        """Both tokenizers' ids: the batch's ``input_ids`` and ``input_ids_2`` when it has both, else its captions'."""
-        if batch.get("input_ids") is not None and batch.get("input_ids_2") is not None:
-            return torch.cat([batch["input_ids"], batch["input_ids_2"]], dim=1).to(self.device)
-        if batch.get("captions") is None:
-            present = [key for key in ("input_ids", "input_ids_2") if batch.get(key) is not None]
-            raise ValueError(
-                f"the batch has {present or 'no token ids'} and no 'captions'; FluxModule needs 'captions', or "
-                "both 'input_ids' (tokenizer) and 'input_ids_2' (tokenizer_2)."
-            )
-        return self.tokenize(batch["captions"])
-
     # ------------------------------------------------------------------ the denoiser
 
     @override

@@ -382,12 +382,22 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         shift = getattr(config, "shift_factor", None) or 0.0
         return ((latents - shift) * config.scaling_factor).to(self.denoiser.dtype)
 
+    def id_keys(self) -> tuple[str, ...]:
+        """The batch keys of pre-tokenized ids, one per tokenizer: ``input_ids``, ``input_ids_2``, ..."""
+        return tuple("input_ids" if i == 0 else f"input_ids_{i + 1}" for i in range(len(self.TOKENIZERS)))
+
     def prompt_ids(self, batch: Any) -> torch.Tensor:
-        """The token ids of a batch: its ``input_ids`` when it has them, else its ``captions`` tokenized."""
-        input_ids = batch.get("input_ids")
-        if input_ids is None:
-            input_ids = self.tokenize(batch["captions"])
-        return input_ids.to(self.device)
+        """Every tokenizer's ids side by side: the batch's (:meth:`id_keys`) when it has all, else its captions'."""
+        keys = self.id_keys()
+        if all(batch.get(key) is not None for key in keys):
+            return torch.cat([batch[key] for key in keys], dim=1).to(self.device)
+        if batch.get("captions") is None:
+            present = [key for key in keys if batch.get(key) is not None]
+            raise ValueError(
+                f"the batch has {present or 'no token ids'} and no 'captions'; {type(self).__name__} needs "
+                f"'captions', or all of {list(keys)} (one per tokenizer: {list(self.TOKENIZERS)})."
+            )
+        return self.tokenize(batch["captions"]).to(self.device)
 
     @override
     def unpack_batch(self, batch: Any, generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor]:

@@ -25,7 +25,6 @@ __all__ = ["SD3_SEQUENCE_LENGTH", "StableDiffusion3Module"]
 
 #: T5 tokens per prompt: ``StableDiffusion3Pipeline``'s default ``max_sequence_length``.
 SD3_SEQUENCE_LENGTH = 256
-ID_KEYS = ("input_ids", "input_ids_2", "input_ids_3")
 
 
 class StableDiffusion3Module(FluxModule):
@@ -107,19 +106,6 @@ class StableDiffusion3Module(FluxModule):
         clip = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         clip = torch.nn.functional.pad(clip, (0, t5.shape[-1] - clip.shape[-1]))
         return torch.cat([clip, t5], dim=-2), torch.cat([first[0], second[0]], dim=-1)
-
-    @override
-    def prompt_ids(self, batch: Any) -> torch.Tensor:
-        """The three tokenizers' ids: the batch's ``input_ids``, ``input_ids_2``, ``input_ids_3``, or its captions'."""
-        if all(batch.get(key) is not None for key in ID_KEYS):
-            return torch.cat([batch[key] for key in ID_KEYS], dim=1).to(self.device)
-        if batch.get("captions") is None:
-            present = [key for key in ID_KEYS if batch.get(key) is not None]
-            raise ValueError(
-                f"the batch has {present or 'no token ids'} and no 'captions'; {type(self).__name__} needs "
-                f"'captions', or all of {list(ID_KEYS)}."
-            )
-        return self.tokenize(batch["captions"])
 
     @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:

@@ -174,21 +174,13 @@ def _t5_tokenizer(config: FluxComponents, name: str = "tokenizer_2") -> Any:
 def build_flux_components(config: FluxComponents | dict[str, Any] | None = None) -> dict[str, Any]:
     """The seven Flux components built from ``config`` (seeded: the same config gives the same weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
-    from transformers import CLIPTextModel, T5Config, T5EncoderModel
+    from transformers import CLIPTextModel, T5EncoderModel
 
     config = as_components(config, FluxComponents)  # type: ignore[type-var]
     tokenizer = component_tokenizer(config)  # type: ignore[arg-type]
     tokenizer_2 = _t5_tokenizer(config)
     text_config = clip_text_config(tokenizer, config.text_encoder)
-    t5_config = T5Config(
-        **{
-            "vocab_size": len(tokenizer_2),
-            "pad_token_id": tokenizer_2.pad_token_id,
-            "eos_token_id": tokenizer_2.eos_token_id,
-            "decoder_start_token_id": tokenizer_2.pad_token_id,
-            **config.text_encoder_2,
-        }
-    )
+    t5_config = t5_text_config(tokenizer_2, config.text_encoder_2)
     with seeded(config.seed):
         vae = component_vae(config)  # type: ignore[arg-type]
         text_encoder = CLIPTextModel(text_config)
@@ -200,11 +192,7 @@ def build_flux_components(config: FluxComponents | dict[str, Any] | None = None)
             **config.transformer,
         }
         # checked before it is built: a mistake here can mean a transformer of FLUX.1's 12B parameters
-        defaults = {
-            name: parameter.default
-            for name, parameter in inspect.signature(FluxTransformer2DModel.__init__).parameters.items()
-            if parameter.default is not inspect.Parameter.empty
-        }
+        defaults = init_defaults(FluxTransformer2DModel)
         sources = ("components.transformer", "components.text_encoder", "components.text_encoder_2")
         check_flux_components(
             {**defaults, **transformer_kwargs},
@@ -224,6 +212,30 @@ def build_flux_components(config: FluxComponents | dict[str, Any] | None = None)
         "scheduler": FlowMatchEulerDiscreteScheduler(**{**FLUX_SCHEDULER, **config.scheduler}),
     }
     return parts
+
+
+def t5_text_config(tokenizer: Any, overrides: dict[str, Any]) -> Any:
+    """A ``T5Config`` for an encoder of ``tokenizer``'s vocabulary and special tokens, with ``overrides``."""
+    from transformers import T5Config
+
+    return T5Config(
+        **{
+            "vocab_size": len(tokenizer),
+            "pad_token_id": tokenizer.pad_token_id,
+            "eos_token_id": tokenizer.eos_token_id,
+            "decoder_start_token_id": tokenizer.pad_token_id,
+            **overrides,
+        }
+    )
+
+
+def init_defaults(cls: type) -> dict[str, Any]:
+    """The default arguments of ``cls.__init__``: what a partial config falls back to."""
+    return {
+        name: parameter.default
+        for name, parameter in inspect.signature(cls.__init__).parameters.items()
+        if parameter.default is not inspect.Parameter.empty
+    }
 
 
 def load_flux_components(

@@ -11,12 +11,11 @@ latents itself (``patch_size``). A pipeline folder has ten parts: ``transformer`
 
 from __future__ import annotations
 
-import inspect
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from diffusion_lightning.nets.flux import _t5_tokenizer, _tiny_flux_vae, _tiny_t5
+from diffusion_lightning.nets.flux import _t5_tokenizer, _tiny_flux_vae, _tiny_t5, init_defaults, t5_text_config
 from diffusion_lightning.nets.latent import (
     _tiny_text_encoder,
     as_components,
@@ -90,7 +89,7 @@ class SD3Components:
 def build_sd3_components(config: SD3Components | dict[str, Any] | None = None) -> dict[str, Any]:
     """The nine SD3 components built from ``config`` (seeded: the same config gives the same weights)."""
     from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
-    from transformers import CLIPTextModelWithProjection, T5Config, T5EncoderModel
+    from transformers import CLIPTextModelWithProjection, T5EncoderModel
 
     config = as_components(config, SD3Components)  # type: ignore[type-var]
     tokenizer, tokenizer_2 = component_tokenizer(config), component_tokenizer(config)  # type: ignore[arg-type]
@@ -99,15 +98,7 @@ def build_sd3_components(config: SD3Components | dict[str, Any] | None = None) -
         clip_text_config(tokenizer, config.text_encoder),
         clip_text_config(tokenizer_2, config.text_encoder_2),
     )
-    t5 = T5Config(
-        **{
-            "vocab_size": len(tokenizer_3),
-            "pad_token_id": tokenizer_3.pad_token_id,
-            "eos_token_id": tokenizer_3.eos_token_id,
-            "decoder_start_token_id": tokenizer_3.pad_token_id,
-            **config.text_encoder_3,
-        }
-    )
+    t5 = t5_text_config(tokenizer_3, config.text_encoder_3)
     with seeded(config.seed):
         vae = component_vae(config)  # type: ignore[arg-type]
         text_encoder = CLIPTextModelWithProjection(clip)
@@ -120,11 +111,7 @@ def build_sd3_components(config: SD3Components | dict[str, Any] | None = None) -
             "pooled_projection_dim": clip.projection_dim + clip_2.projection_dim,
             **config.transformer,
         }
-        defaults = {
-            name: parameter.default
-            for name, parameter in inspect.signature(SD3Transformer2DModel.__init__).parameters.items()
-            if parameter.default is not inspect.Parameter.empty
-        }
+        defaults = init_defaults(SD3Transformer2DModel)
         sources = ("components.transformer", "components.text_encoder", "components.text_encoder_2")
         check_sd3_components(
             {**defaults, **kwargs},
