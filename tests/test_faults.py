@@ -559,10 +559,11 @@ def test_ddpm_fit_killed_and_resumed_equals_the_uninterrupted_run(launcher, tmp_
     assert logged_steps(version) == logged_steps(run["reference"] / "lightning_logs" / "version_0")
 
 
-def test_latent_lora_ema_cache_fit_killed_and_resumed_equals_the_uninterrupted_run(launcher, tmp_path):
+def test_latent_lora_ema_caches_fit_killed_and_resumed_equals_the_uninterrupted_run(launcher, tmp_path):
     config = [
         "--config", str(SMOKE / "sd_tiny.yaml"), "--trainer.max_epochs", "2",
         "--model.init_args.latent_cache_dir", "{root}/latents",
+        "--model.init_args.text_embedding_cache_dir", "{root}/text",
         "--trainer.callbacks+=diffusion_lightning.callbacks.EMA", "--trainer.callbacks.decay", "0.9",
     ]  # fmt: skip
     run = kill_and_resume(launcher, tmp_path, config, 1, lambda root: (root / "checkpoints" / "step006.ckpt").exists())

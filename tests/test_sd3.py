@@ -101,3 +101,18 @@ def test_lora_merged_and_full_exports_load_in_a_fresh_process_and_match_the_modu
     torch.testing.assert_close(result["images"]["adapted"], ours, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(result["images"]["merged"], ours, atol=1e-4, rtol=1e-3)
     torch.testing.assert_close(result["images"]["full"], images(full.build_pipeline()), atol=1e-5, rtol=1e-4)
+
+
+def test_smoke_config_fits_with_cached_text_embeddings_and_exports_from_the_command_line(tmp_path):
+    from diffusion_lightning.cli import main
+    from diffusion_lightning.commands import export
+    from tests.conftest import REPO
+
+    root, cache = tmp_path / "run", tmp_path / "text"
+    main(["fit", "--config", str(REPO / "configs" / "smoke" / "sd3_tiny.yaml"), "--trainer.default_root_dir",
+          str(root), "--trainer.enable_progress_bar", "false", "--model.init_args.text_embedding_cache_dir",
+          str(cache)])  # fmt: skip
+    assert len(list(cache.rglob("*.pt"))) == 11  # the ten digits' captions and the empty prompt
+    export.main(["--ckpt", str(root / "checkpoints" / "last.ckpt"), "--out", str(tmp_path / "lora")])
+    adapters = load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapters and {key.split(".")[0] for key in adapters} == {"transformer"}

@@ -153,6 +153,7 @@ class FluxModule(LatentDiffusionModule):
         clip = self._tokenize(self.tokenizer, prompts)
         return torch.cat([clip, self._tokenize(self.tokenizer_2, prompts, FLUX_SEQUENCE_LENGTH)], dim=1)
 
+    @override
     def encode_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds, pooled_prompt_embeds)`` of both tokenizers' ids side by side, as ``FluxPipeline`` does.
 
@@ -172,11 +173,6 @@ class FluxModule(LatentDiffusionModule):
             hidden = self.text_encoder_2(ids_2, output_hidden_states=False)[0]
         return hidden, pooled
 
-    @override
-    def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The T5 hidden states (``prompt_embeds``) of :meth:`encode_prompt`."""
-        return self.encode_prompt(input_ids)[0]
-
     # ------------------------------------------------------------------ the denoiser
 
     @override
@@ -190,7 +186,7 @@ class FluxModule(LatentDiffusionModule):
                 f"latents of {height}x{width}: Flux packs 2x2 patches, so both sides must be even (images a "
                 f"multiple of {2 * self.vae_scale_factor} pixels)."
             )
-        hidden, pooled = self.encode_prompt(condition)
+        hidden, pooled = self.prompt_embeddings(condition)
         packed = FluxPipeline._pack_latents(noisy, batch, channels, height, width)
         image_ids = FluxPipeline._prepare_latent_image_ids(batch, height // 2, width // 2, noisy.device, noisy.dtype)
         text_ids = torch.zeros(hidden.shape[1], 3, device=noisy.device, dtype=noisy.dtype)

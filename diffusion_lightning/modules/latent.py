@@ -40,6 +40,7 @@ from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.schedulers import flow_shift_of, is_flow
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
+from diffusion_lightning.utils.text_cache import Embeddings, TextEmbeddingCache
 
 __all__ = ["ATTENTION", "TRAINING_MODES", "AttentionBackend", "LatentDiffusionModule", "TrainingMode"]
 
@@ -86,6 +87,10 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         latent_cache_dir: Cache each image's VAE posterior here (keyed by the batch's ``keys``, the
             image size and the VAE's weights), so the VAE runs once per image; needs deterministic
             crops and no flips.
+        text_embedding_cache_dir: Cache each prompt's embeddings here (keyed by its token ids and the
+            text encoders' weights); at the start of fitting, the captions of every split of the data
+            module (and the class images', and the empty prompt) are encoded into it, so the frozen
+            text encoders do not run in the training steps. Needs frozen text encoders.
         image_size: Height and width of generated images (linked from the data module's resolution).
         in_channels: Image channels (linked from the data module; must be 3).
         validation_prompts: The model's default prompts: what the sampling callbacks
@@ -129,6 +134,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         gradient_checkpointing: bool = False,
         attention: AttentionBackend = "sdpa",
         latent_cache_dir: str | None = None,
+        text_embedding_cache_dir: str | None = None,
         image_size: int | None = None,
         in_channels: int = 3,
         validation_prompts: list[str] | None = None,
@@ -203,6 +209,14 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self.text_encoder_learning_rate = text_encoder_learning_rate
         self.prompt_dropout = prompt_dropout
         self.latent_cache_dir = latent_cache_dir
+        if text_embedding_cache_dir and self.trains_text:
+            raise ValueError(
+                f"text_embedding_cache_dir={text_embedding_cache_dir!r} needs frozen text encoders, but "
+                f"training_mode={training_mode!r} trains one (train_text_encoder={train_text_encoder!r}, "
+                f"lora_text_encoder={lora_text_encoder!r}); its embeddings would go stale. Drop the cache or "
+                "freeze them."
+            )
+        self.text_embedding_cache_dir = text_embedding_cache_dir
         self.image_size = image_size or self.default_image_size()
         self.validation_prompts = list(validation_prompts or [])
         self.validation_negative_prompts = list(validation_negative_prompts or [])
@@ -222,6 +236,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
+        self._text_cache: TextEmbeddingCache | None = None
         self.prior_loss_weight = prior_loss_weight
         self.prior = PriorImages(prior_data_dir, prior_prompts, num_prior_images) if prior_data_dir else None
 
@@ -328,10 +343,47 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         """A context that keeps gradients through the text encoders only when one of them trains."""
         return torch.set_grad_enabled(torch.is_grad_enabled() and self.trains_text)
 
-    def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """``encoder_hidden_states`` of token ids (with gradients only when the text encoder trains)."""
+    def encode_prompt(self, input_ids: torch.Tensor) -> Embeddings:
+        """``(prompt_embeds, pooled_prompt_embeds)`` of token ids, as the pipeline makes them.
+
+        Stable Diffusion 1.x/2.x has no pooled embeddings: ``None``. With gradients only when the
+        text encoder trains.
+        """
         with self.text_gradients():
-            return self.text_encoder(input_ids.to(self.device), return_dict=False)[0]
+            return self.text_encoder(input_ids.to(self.device), return_dict=False)[0], None
+
+    def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """``encoder_hidden_states`` of token ids: the ``prompt_embeds`` of :meth:`encode_prompt`."""
+        return self.encode_prompt(input_ids)[0]
+
+    @property
+    def text_cache(self) -> TextEmbeddingCache | None:
+        """The text-embedding cache (``text_embedding_cache_dir``), ``None`` when off."""
+        if not self.text_embedding_cache_dir:
+            return None
+        if self._text_cache is None:
+            from diffusion_lightning.metrics.features import state_fingerprint
+
+            prints = "-".join(state_fingerprint(encoder, 8) for encoder in self.text_encoders)
+            self._text_cache = TextEmbeddingCache(self.text_embedding_cache_dir, f"{type(self).__name__}-{prints}")
+        return self._text_cache
+
+    def prompt_embeddings(self, input_ids: torch.Tensor) -> Embeddings:
+        """:meth:`encode_prompt` of token ids, read from the text-embedding cache when it is on."""
+        cache = self.text_cache
+        if cache is None:
+            return self.encode_prompt(input_ids)
+        hidden, pooled = cache.get(input_ids, self.encode_prompt)
+        dtype = self.text_encoders[0].dtype
+        return hidden.to(self.device, dtype), None if pooled is None else pooled.to(self.device, dtype)
+
+    def fill_text_cache(self, prompts: list[str], batch_size: int = 32) -> int:
+        """Encode every prompt the text-embedding cache lacks, and the empty prompt; returns the chunks encoded."""
+        cache = self.text_cache
+        if cache is None:
+            return 0
+        progress = self._trainer is None or self.trainer.progress_bar_callback is not None
+        return cache.fill([*prompts, ""], self.tokenize, self.encode_prompt, batch_size, progress=progress)
 
     @property
     def empty_prompt_ids(self) -> torch.Tensor:
@@ -412,7 +464,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
 
     @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        hidden = self.encode_prompt_ids(condition)
+        hidden = self.prompt_embeddings(condition)[0]
         return self.unet(noisy, timesteps, encoder_hidden_states=hidden, return_dict=False)[0]
 
     # ------------------------------------------------------------------ optimization
@@ -443,6 +495,11 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         if self.prior is not None:
             prepare_prior(self)
         data = getattr(self.trainer, "datamodule", None)
+        if self.text_cache is not None:
+            if self.trainer.is_global_zero:
+                prompts = [c for ds in getattr(data, "datasets", {}).values() for c in getattr(ds, "captions", [])]
+                self.fill_text_cache(prompts + (self.prior.captions if self.prior is not None else []))
+            self.trainer.strategy.barrier("text_embedding_cache")
         if self.latent_cache_dir and (getattr(data, "random_flip", False) or not getattr(data, "center_crop", True)):
             raise ValueError(
                 f"latent_cache_dir={self.latent_cache_dir!r} caches one latent per image, which would freeze the "

@@ -85,6 +85,7 @@ class StableDiffusionXLModule(LatentDiffusionModule):
 
     # ------------------------------------------------------------------ conditioning
 
+    @override
     def encode_prompt(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``(prompt_embeds, pooled_prompt_embeds)`` of both tokenizers' ids side by side, as SDXL's pipeline does.
 
@@ -105,11 +106,6 @@ class StableDiffusionXLModule(LatentDiffusionModule):
         hidden = torch.cat([first.hidden_states[-2], second.hidden_states[-2]], dim=-1)
         return hidden, second.text_embeds
 
-    @override
-    def encode_prompt_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
-        """The cross-attention states (``prompt_embeds``) of :meth:`encode_prompt`."""
-        return self.encode_prompt(input_ids)[0]
-
     def time_ids(self, batch: Any) -> torch.Tensor:
         """The batch's ``(B, 6)`` size and crop conditioning (see :func:`build_time_ids`).
 
@@ -129,7 +125,7 @@ class StableDiffusionXLModule(LatentDiffusionModule):
 
     @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
-        hidden, pooled = self.encode_prompt(condition[:, :-NUM_TIME_IDS])
+        hidden, pooled = self.prompt_embeddings(condition[:, :-NUM_TIME_IDS])
         added = {"text_embeds": pooled, "time_ids": condition[:, -NUM_TIME_IDS:].to(hidden.dtype)}
         return self.unet(noisy, timesteps, encoder_hidden_states=hidden, added_cond_kwargs=added, return_dict=False)[0]
 

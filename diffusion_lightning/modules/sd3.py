@@ -110,7 +110,7 @@ class StableDiffusion3Module(FluxModule):
     @override
     def forward(self, noisy: torch.Tensor, timesteps: torch.Tensor, condition: torch.Tensor) -> torch.Tensor:
         """The transformer's velocity for latents ``(B, C, H, W)``; it patchifies them itself."""
-        hidden, pooled = self.encode_prompt(condition)
+        hidden, pooled = self.prompt_embeddings(condition)
         return self.transformer(
             hidden_states=noisy,
             timestep=timesteps,
