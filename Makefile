@@ -64,9 +64,12 @@ demo-t2i: $(STAMP) $(JUDGE)
 	  --judge $(JUDGE) --n-samples 200 --metrics judge --guidance-scale 3 --out $(T2I_DIR)/eval_lora
 	@echo "demo outputs: $(T2I_DIR)/samples/samples.png $(T2I_DIR)/pipeline/ $(T2I_DIR)/lora/ $(T2I_DIR)/eval_base/ $(T2I_DIR)/eval_lora/"
 
+# Two workers (one thread each), one test file per worker at a time: module fixtures are built once.
+# TEST_WORKERS=0 runs the suite in one process.
+TEST_WORKERS ?= 2
 test: $(STAMP)
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
 lint: $(STAMP)
 	$(BIN)/ruff check .

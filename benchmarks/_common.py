@@ -34,6 +34,12 @@ def ratio_of_medians(results: dict[str, list[float]], numerator: str, denominato
     return statistics.median(results[numerator]) / statistics.median(results[denominator])
 
 
+def ratio_spread(results: dict[str, list[float]], numerator: str, denominator: str) -> str:
+    """The per-round ratios (each round's pair of runs), as ``min .. max over N rounds``."""
+    ratios = [a / b for a, b in zip(results[numerator], results[denominator])]
+    return f"{min(ratios):.3f} .. {max(ratios):.3f} over {len(ratios)} rounds"
+
+
 class Stopwatch:
     """Wall time of a block, with CUDA synchronisation when a GPU is used."""
 

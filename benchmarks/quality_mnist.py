@@ -12,14 +12,17 @@
    judge: accuracy (correct_digit), weakest class, domain FID and precision/recall against the
    real training digits; prints the table and the training time to 0.90 / 0.95 / 0.98 accuracy.
 3. On the final weights: samplers (DDPM 1000, DDIM 50, DPM-Solver++ 10 and 20 steps; for a
-   flow-matching model flow Euler 50 and DPM-Solver++ in its flow mode), accuracy against
-   sampling steps (DPM-Solver++ 4, 8, 20), then guidance scales 0, 1, 2, 3, 5 (DPM-Solver++ 20),
-   drawn as an accuracy-vs-recall plot.
+   flow-matching model flow Euler 50 and DPM-Solver++ in its flow mode); quality against sampling
+   steps 1, 2, 4, 8, 20 with ``--steps-sampler`` (default the config's sampler): accuracy, domain
+   FID, precision and recall from the same samples and features, the 4-step FID against the
+   20-step one, and one strip of digits 0-9 per step count (same noise) in OUT/steps_strips.png;
+   then guidance scales 0, 1, 2, 3, 5 (DPM-Solver++ 20), drawn as an accuracy-vs-recall plot.
+   ``--sections`` picks some of them (e.g. ``--skip-train --sections steps`` on an earlier run).
 
 Arguments after ``--`` go to ``fit`` as they are (overrides of the config, e.g. another objective).
 
-Writes OUT/results.json, OUT/accuracy_vs_time.png and OUT/guidance_tradeoff.png (OUT defaults to
-outputs/bench/quality_mnist). The judge (configs/classifier_mnist.yaml) is trained first if missing.
+Writes OUT/results.json, OUT/accuracy_vs_time.png, OUT/steps_strips.png and OUT/guidance_tradeoff.png
+(OUT defaults to outputs/bench/quality_mnist). The judge (configs/classifier_mnist.yaml) is trained first if missing.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ from _common import JUDGE_DIR, REPO, judge_checkpoint  # noqa: E402
 THRESHOLDS = (0.90, 0.95, 0.98)
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpm", 10), ("dpm", 20))
 FLOW_SAMPLERS = (("euler", 50), ("dpm", 10), ("dpm", 20))
-STEPS = (4, 8, 20)
+STEPS = (1, 2, 4, 8, 20)
+SECTIONS = ("time", "samplers", "steps", "guidance")
 GUIDANCE = (0.0, 1.0, 2.0, 3.0, 5.0)
 COLUMNS = ("accuracy", "weakest_class_accuracy", "fid", "precision", "recall", "seconds_per_image")
 
@@ -124,10 +128,15 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs/bench/quality_mnist"))
     parser.add_argument("--skip-train", action="store_true", help="score the snapshots of an earlier run in OUT")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps-sampler", help="sampler of the steps table (default: the config's)")
+    parser.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {SECTIONS}")
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
     args = parser.parse_args(argv[:split])
     args.fit_args = argv[split + 1 :]
+    sections = [name.strip() for name in args.sections.split(",") if name.strip()]
+    if not sections or any(name not in SECTIONS for name in sections):
+        parser.error(f"--sections {args.sections!r}: give a comma-separated subset of {', '.join(SECTIONS)}")
 
     out = Path(args.out)
     run = out / "run"
@@ -145,9 +154,9 @@ def main() -> None:
     results: dict[str, Any] = {"judge_real_accuracy": real_acc, "config": args.config, "guidance_scale": guidance,
                                "fit_args": args.fit_args, "prediction_type": module.prediction_type}  # fmt: skip
 
-    over_time = []
+    over_time: list[dict[str, Any]] = []
     scorer = evaluator(args, judge, args.n_samples, num_inference_steps=20, scheduler="dpm")
-    for path in sorted((run / "snapshots").glob("step=*.pt")):
+    for path in sorted((run / "snapshots").glob("step=*.pt")) if "time" in sections else []:
         snapshot = torch.load(path, map_location="cpu", weights_only=True)
         module.unet.load_state_dict(snapshot["unet"])
         result = scorer.evaluate(module.build_pipeline("dpm"), 20, guidance)
@@ -161,41 +170,54 @@ def main() -> None:
     print("minutes to accuracy " + ", ".join(f"{t}: {m}" for t, m in results["time_to"].items()))
 
     samplers = []
-    for name, steps in FLOW_SAMPLERS if module.is_flow else SAMPLERS:
+    for name, steps in (FLOW_SAMPLERS if module.is_flow else SAMPLERS) if "samplers" in sections else ():
         scorer = evaluator(args, judge, args.sampler_samples, num_inference_steps=steps, scheduler=name)
         result = scorer.evaluate(module.build_pipeline(name), steps, guidance)
         samplers.append({"sampler": name, "steps": steps, **row(result)})
         print(samplers[-1], flush=True)
     results["samplers"] = samplers
-    best = max(r["accuracy"] for r in samplers)
-    dpm20 = next(r["accuracy"] for r in samplers if r["sampler"] == "dpm" and r["steps"] == 20)
-    print(table(f"samplers ({args.sampler_samples} samples, guidance {guidance})", samplers))
-    print(f"DPM-Solver++ 20 steps vs the best sampler: {dpm20 - best:+.4f}")
+    if samplers:
+        best = max(r["accuracy"] for r in samplers)
+        dpm20 = next(r["accuracy"] for r in samplers if r["sampler"] == "dpm" and r["steps"] == 20)
+        print(table(f"samplers ({args.sampler_samples} samples, guidance {guidance})", samplers))
+        print(f"DPM-Solver++ 20 steps vs the best sampler: {dpm20 - best:+.4f}")
 
-    by_steps = []
-    for steps in STEPS:
-        scorer = evaluator(args, judge, args.n_samples, num_inference_steps=steps, scheduler="dpm")
-        result = scorer.evaluate(module.build_pipeline("dpm"), steps, guidance)
+    sampler = args.steps_sampler or module.sampler
+    by_steps: list[dict[str, Any]] = []
+    strips = {}
+    for steps in STEPS if "steps" in sections else ():
+        scorer = evaluator(args, judge, args.n_samples, num_inference_steps=steps, scheduler=sampler)
+        pipeline = module.build_pipeline(sampler)
+        result = scorer.evaluate(pipeline, steps, guidance)
         by_steps.append({"steps": steps, **row(result)})
         print(by_steps[-1], flush=True)
-    results["steps"] = by_steps
-    print(table(f"accuracy against sampling steps (DPM-Solver++, {args.n_samples} samples)", by_steps))
+        generator = torch.Generator().manual_seed(args.seed)
+        strips[steps] = pipeline(list(range(10)), num_inference_steps=steps, guidance_scale=guidance,
+                                 generator=generator, output_type="pt").images  # fmt: skip
+    results["steps"] = {"sampler": sampler, "rows": by_steps}
+    if by_steps:
+        print(table(f"quality against sampling steps ({sampler}, {args.n_samples} samples)", by_steps))
+        fid = {r["steps"]: r["fid"] for r in by_steps}
+        results["steps"]["fid_4_vs_20"] = round(fid[4] / fid[20] - 1, 4)
+        print(f"4-step domain FID vs 20-step: {fid[4]:.3f} vs {fid[20]:.3f} ({100 * (fid[4] / fid[20] - 1):+.1f}%)")
+        _strips(out, sampler, strips)
 
     scales = []
-    for scale in GUIDANCE:
+    for scale in GUIDANCE if "guidance" in sections else ():
         scorer = evaluator(args, judge, args.n_samples, num_inference_steps=20, scheduler="dpm", guidance_scale=scale)
         result = scorer.evaluate(module.build_pipeline("dpm"), 20, scale)
         scales.append({"guidance_scale": scale, **row(result)})
         print(scales[-1], flush=True)
     results["guidance"] = scales
     print(table("guidance scales (DPM-Solver++ 20 steps)", scales))
-    operating = next(r for r in scales if r["guidance_scale"] == guidance) if guidance in GUIDANCE else None
+    operating = next((r for r in scales if r["guidance_scale"] == guidance), None)
     if operating:
         print(f"recall at the operating guidance scale {guidance}: {operating['recall']:.4f}")
 
     _plots(out, over_time, scales)
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
-    print(f"wrote {out / 'results.json'}, {out / 'accuracy_vs_time.png'}, {out / 'guidance_tradeoff.png'}")
+    print(f"wrote {out / 'results.json'} and the plots in {out}")
     final = over_time[-1]["accuracy"] if over_time else float("nan")
     print(f"quality_mnist_final_accuracy={final:.4f}")
 
@@ -209,8 +231,26 @@ def _real_accuracy(scorer: Evaluator) -> float:
     return scorer.score(images.clamp(0, 1), labels).metrics()["accuracy"]
 
 
+def _strips(out: Path, sampler: str, strips: dict[int, torch.Tensor]) -> None:
+    """One row of digits 0-9 per step count, from the same starting noise."""
+    out.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(len(strips), 1, figsize=(8, 0.9 * len(strips) + 0.4), squeeze=False)
+    for axis, (steps, images) in zip(axes[:, 0], strips.items()):
+        row_image = torch.cat(list(images[:, 0].clamp(0, 1)), dim=1)
+        axis.imshow(row_image.numpy(), cmap="gray", vmin=0, vmax=1)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(f"{steps} step{'s' if steps > 1 else ''}", rotation=0, ha="right", va="center")
+    figure.suptitle(f"the same noise, {sampler}, by number of sampling steps")
+    figure.tight_layout()
+    figure.savefig(out / "steps_strips.png", dpi=100)
+    plt.close(figure)
+
+
 def _plots(out: Path, over_time: list[dict[str, Any]], scales: list[dict[str, Any]]) -> None:
     out.mkdir(parents=True, exist_ok=True)
+    if not over_time or not scales:
+        return
     figure, axis = plt.subplots(figsize=(6, 4))
     axis.plot([r["minutes"] for r in over_time], [r["accuracy"] for r in over_time], marker="o", label="accuracy")
     axis.plot([r["minutes"] for r in over_time], [r["recall"] for r in over_time], marker="s", label="recall")

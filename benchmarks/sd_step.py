@@ -1,6 +1,6 @@
 """Training-step throughput and memory of ``LatentDiffusionModule`` against a hand-written loop.
 
-    python benchmarks/sd_step.py [--steps 20] [--rounds 3] [--size small|tiny]
+    python benchmarks/sd_step.py [--steps 20] [--rounds 5] [--size small|tiny]
 
 The raw loop is the step of diffusers' ``examples/text_to_image/train_text_to_image.py``: VAE
 posterior sample x scaling factor, epsilon noise at uniform timesteps, frozen CLIP text encoder,
@@ -32,7 +32,7 @@ from lightning.pytorch import seed_everything as seed_all
 from diffusion_lightning import LatentDiffusionModule, WarmupCosineLR
 from diffusion_lightning.nets.latent import LatentComponents, build_components
 
-from _common import interleave, ratio_of_medians
+from _common import interleave, ratio_of_medians, ratio_spread
 
 #: A small SD-shaped model that takes about a second per step on 2 CPU cores (64x64 images, 32x32 latents).
 SMALL = {
@@ -192,7 +192,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each run")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--memory-of", choices=("raw", "full", "lora"), help=argparse.SUPPRESS)
@@ -206,6 +206,7 @@ def main() -> None:
         print(f"{name}: steps/s per round {[round(r, 3) for r in rates]}")
     memory = memory_table(args)
     print(f"lora_vs_full_peak_memory={memory['lora'] / memory['full']:.3f}")
+    print(f"per-round ratio (lightning / raw): {ratio_spread(results, 'lightning', 'raw')}")
     print(f"sd_lightning_vs_raw_throughput={ratio_of_medians(results, 'lightning', 'raw'):.3f}")
 
 

@@ -1,25 +1,45 @@
-"""Wall time of ``fit`` with the whole callback stack against the same fit without callbacks.
+"""Per-step cost of the default callback stack against no callbacks, and of each callback in it.
 
-    python benchmarks/stack_overhead.py [--epochs 2] [--rounds 1] [--every-n-epochs 2]
+    python benchmarks/stack_overhead.py [--steps 50] [--warmup 5] [--rounds 3] [--alone]
 
-The demo model and data (configs/ddpm_mnist.yaml's network, batch 64, 62 steps per epoch), one
-validation batch per epoch, TensorBoard logging to a temporary folder. The stack is
-configs/callbacks/default.yaml's (EMA with raw validation, gradient/activation watcher every 50
-steps, diffusion metrics, sample grid, early stopping, LR monitor, run summary) except that the
-generation and grid passes run every ``--every-n-epochs`` epochs (default.yaml: 5), so a short
-benchmark pays for them at least once. Runs are interleaved; the last line is
-``stack_overhead_fraction=F`` (wall time with the stack / without - 1, median over rounds).
+The demo model and data (configs/ddpm_mnist.yaml's network, batch 64), TensorBoard logging to a
+temporary folder in every run. The stack is configs/callbacks/default.yaml's: EMA (raw validation),
+the gradient/activation watcher (every 50 steps), timestep losses, the generation monitor and the
+sample grid, early stopping, the LR monitor and the run summary.
+
+Training steps: each run fits ``--warmup`` + ``--steps`` steps and times the last ``--steps`` of
+them, from one step's end to the next (data, forward, backward, optimizer and every hook), after a
+first untimed fit that pays the dataset parse and lazy imports. ``--steps`` 50 holds exactly one
+of the watcher's logging steps. The runs (none and the stack; with ``--alone``, each callback alone
+too) are interleaved, in alternating order, over ``--rounds`` rounds; a configuration's overhead is
+the ratio of its median seconds per step to the median with no callbacks, with the spread of the
+per-round ratios.
+
+Per-callback breakdown: in the stack's runs every hook of every callback (and the watcher's
+forward hooks) is timed over the same steps, so each callback's own milliseconds per step are
+measured inside one run. On a CPU whose speed drifts by a few percent between runs, this is the
+figure that shows which callback costs what; the whole-stack ratio above also catches what no hook
+holds (the loggers writing what the callbacks logged).
+
+Generation passes: the stack's run validates once after the timed steps (one batch) with the
+samplers due, and the seconds inside each sampler's pass are reported apart; they run every
+``every_n_epochs`` epochs, not every step. The last lines are ``callback_hooks_fraction=F`` (the
+callbacks' own time per step over a step without them) and ``stack_overhead_fraction=F`` (the
+whole-stack ratio of medians).
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import torch
-from lightning.pytorch import Trainer
+from lightning.pytorch import Callback, Trainer
 from lightning.pytorch import seed_everything as seed_all
 from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
@@ -36,54 +56,172 @@ from diffusion_lightning import (
     WarmupCosineLR,
 )
 
-from _common import DEMO_NET, interleave, ratio_of_medians
+from _common import DEMO_NET
+
+#: configs/callbacks/default.yaml, by name (the samplers due at every validation here).
+STACK: dict[str, Callable[[], Callback]] = {
+    "EMA": lambda: EMA(decay=0.999, use_warmup=True, validate_raw=True),
+    "GradientActivationWatcher": lambda: GradientActivationWatcher(
+        module_types=["ResnetBlock2D"],
+        stats=["mean", "std", "norm", "abs_mean", "hist"],
+        log_every_n_steps=50,
+        max_histograms=8,
+    ),  # fmt: skip
+    "TimestepLossLogger": lambda: TimestepLossLogger(num_buckets=10),
+    "GenerationMonitor": lambda: GenerationMonitor(every_n_epochs=1, num_samples=10),
+    "SampleGridLogger": lambda: SampleGridLogger(every_n_epochs=1, num_per_class=4),
+    "EarlyStopping": lambda: EarlyStopping(monitor="val/loss", mode="min", patience=5),
+    "LearningRateMonitor": lambda: LearningRateMonitor(logging_interval="step"),
+    "RunSummary": lambda: RunSummary(),
+}
+SAMPLERS = ("GenerationMonitor", "SampleGridLogger")
+HOOKS = [name for name in dir(Callback) if name.startswith("on_")]
 
 
-def stack(every_n_epochs: int) -> list:
-    return [
-        EMA(decay=0.999, validate_raw=True),
-        GradientActivationWatcher(module_types=["ResnetBlock2D"], stats=["mean", "std", "norm", "abs_mean", "hist"]),
-        TimestepLossLogger(num_buckets=10),
-        GenerationMonitor(every_n_epochs=every_n_epochs, num_samples=10),
-        SampleGridLogger(every_n_epochs=every_n_epochs, num_per_class=4),
-        EarlyStopping(monitor="val/loss", mode="min", patience=5),
-        LearningRateMonitor(logging_interval="step"),
-        RunSummary(),
-    ]
+class HookTimer:
+    """Seconds inside each callback's hooks while ``on`` (the timed steps), by callback."""
+
+    def __init__(self) -> None:
+        self.on = False
+        self.seconds: dict[str, float] = {}
+
+    def wrap(self, callback: Callback) -> None:
+        name = type(callback).__name__
+        self.seconds.setdefault(name, 0.0)
+        methods = [hook for hook in HOOKS if getattr(type(callback), hook) is not getattr(Callback, hook)]
+        if hasattr(callback, "_record_activation"):  # the watcher's forward hooks
+            methods.append("_record_activation")
+        for method in methods:
+            setattr(callback, method, self._timed(name, getattr(callback, method)))
+
+    def _timed(self, name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            if not self.on:
+                return inner(*args, **kwargs)
+            start = time.perf_counter()
+            try:
+                return inner(*args, **kwargs)
+            finally:
+                self.seconds[name] += time.perf_counter() - start
+
+        return timed
 
 
-def fit_seconds(args: argparse.Namespace, with_stack: bool) -> float:
+class StepClock(Callback):
+    """The time of every training step's end; placed last, so after every other callback's hooks.
+
+    It switches ``hooks`` on from the end of the last warm-up step to the end of the last step.
+    """
+
+    def __init__(self, hooks: HookTimer, warmup: int, steps: int) -> None:
+        self.times: list[float] = []
+        self.hooks, self.warmup, self.steps = hooks, warmup, steps
+
+    def on_train_batch_end(self, *args: Any) -> None:
+        self.times.append(time.perf_counter())
+        self.hooks.on = self.warmup <= len(self.times) < self.warmup + self.steps
+
+
+def time_samplers(callbacks: list[Callback]) -> dict[str, list[float]]:
+    """Wrap each sampler's ``on_sample`` to record the seconds of its passes."""
+    seconds: dict[str, list[float]] = {}
+    for callback in callbacks:
+        name = type(callback).__name__
+        if name in SAMPLERS:
+            inner, seconds[name] = callback.on_sample, []
+
+            def timed(*args: Any, _inner=inner, _out=seconds[name]) -> None:
+                start = time.perf_counter()
+                _inner(*args)
+                _out.append(time.perf_counter() - start)
+
+            callback.on_sample = timed  # type: ignore[method-assign]
+    return seconds
+
+
+def run(
+    data: MNISTDataModule, names: list[str], args: argparse.Namespace
+) -> tuple[float, dict[str, list[float]], dict[str, float]]:
+    """Seconds per timed step with the named callbacks, the seconds of their generation passes, and
+    each callback's seconds per timed step inside its hooks."""
     seed_all(0, verbose=False)
     model = ClassConditionedDDPM(
         net=DEMO_NET, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0,
         learning_rate=3e-3, lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=100),
     )  # fmt: skip
+    callbacks = [STACK[name]() for name in names]
+    passes = time_samplers(callbacks)
+    hooks = HookTimer()
+    for callback in callbacks:
+        hooks.wrap(callback)
+    clock = StepClock(hooks, args.warmup, args.steps)
+    steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(
-            accelerator="auto", devices=1, max_epochs=args.epochs, limit_val_batches=1, default_root_dir=root,
-            logger=TensorBoardLogger(root), enable_checkpointing=False, enable_progress_bar=False,
-            enable_model_summary=False, num_sanity_val_steps=0, gradient_clip_val=1.0,
-            callbacks=stack(args.every_n_epochs) if with_stack else [],
+            accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps, limit_val_batches=1,
+            check_val_every_n_epoch=None, default_root_dir=root, logger=TensorBoardLogger(root),
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[*callbacks, clock],
         )  # fmt: skip
-        data = MNISTDataModule(batch_size=64, eval_batch_size=250)
-        start = time.perf_counter()
         trainer.fit(model, data)
-        return time.perf_counter() - start
+    timed = clock.times[args.warmup - 1 :]
+    return (timed[-1] - timed[0]) / (len(timed) - 1), passes, {k: v / args.steps for k, v in hooks.seconds.items()}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--epochs", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--every-n-epochs", type=int, default=2, help="generation and grid interval")
+    parser.add_argument("--steps", type=int, default=50, help="timed steps per run")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
+    parser.add_argument("--alone", action="store_true", help="also run each callback alone against none")
     args = parser.parse_args()
+    if args.warmup < 1 or args.steps < 2:
+        parser.error(f"--warmup {args.warmup} and --steps {args.steps}: need --warmup >= 1 and --steps >= 2")
     torch.set_num_threads(os.cpu_count() or 1)
-    results = interleave(
-        {"stack": lambda: fit_seconds(args, True), "none": lambda: fit_seconds(args, False)}, args.rounds
-    )
-    for name, seconds in results.items():
-        print(f"{name}: fit seconds per round {[round(s, 1) for s in seconds]}")
-    print(f"stack_overhead_fraction={ratio_of_medians(results, 'stack', 'none') - 1:.3f}")
+    data = MNISTDataModule(batch_size=64, eval_batch_size=250)
+    configs: dict[str, list[str]] = {"none": [], "stack": list(STACK)}
+    if args.alone:
+        configs.update({name: [name] for name in STACK})
+    print("warm-up fit (dataset parse, lazy imports) ...", flush=True)
+    run(data, list(STACK), argparse.Namespace(warmup=2, steps=3))
+
+    per_step: dict[str, list[float]] = {name: [] for name in configs}
+    passes: dict[str, list[float]] = {}
+    in_hooks: dict[str, list[float]] = {}
+    order = list(configs)
+    for r in range(args.rounds):
+        for name in order if r % 2 == 0 else reversed(order):
+            seconds, timed, hooks = run(data, configs[name], args)
+            per_step[name].append(seconds)
+            if name == "stack":
+                for sampler, values in timed.items():
+                    passes.setdefault(sampler, []).extend(values)
+                for callback, value in hooks.items():
+                    in_hooks.setdefault(callback, []).append(value)
+            print(f"round {r + 1}/{args.rounds} {name}: {1000 * seconds:.1f} ms/step", flush=True)
+
+    base = statistics.median(per_step["none"])
+    print(f"\nper training step ({args.steps} timed steps, {args.rounds} rounds; overhead = median / median(none) - 1)")
+    print("| callbacks | ms/step (median) | overhead | per-round overhead (min .. max) |")
+    print("|---|---|---|---|")
+    for name, values in per_step.items():
+        ratios = [v / n - 1 for v, n in zip(values, per_step["none"])]
+        overhead = statistics.median(values) / base - 1
+        print(f"| {name} | {1000 * statistics.median(values):.1f} | {100 * overhead:+.1f}% | "
+              f"{100 * min(ratios):+.1f}% .. {100 * max(ratios):+.1f}% |")  # fmt: skip
+    print("\neach callback's own time per training step (inside its hooks, in the stack's runs; % of a step without)")
+    print("| callback | ms/step (median) | % of a step |")
+    print("|---|---|---|")
+    for callback, values in sorted(in_hooks.items(), key=lambda item: -statistics.median(item[1])):
+        ms = 1000 * statistics.median(values)
+        print(f"| {callback} | {ms:.2f} | {100 * statistics.median(values) / base:.2f}% |")
+    total = sum(statistics.median(values) for values in in_hooks.values())
+    print(f"| all hooks | {1000 * total:.2f} | {100 * total / base:.2f}% |")
+    print("\ngeneration passes (run every every_n_epochs epochs, not per step; default.yaml: 5)")
+    for sampler, values in passes.items():
+        print(f"{sampler}: {statistics.median(values):.2f} s per pass (median of {len(values)})")
+    print(f"callback_hooks_fraction={total / base:.4f}")
+    print(f"stack_overhead_fraction={statistics.median(per_step['stack']) / base - 1:.3f}")
 
 
 if __name__ == "__main__":

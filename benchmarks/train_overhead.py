@@ -1,6 +1,6 @@
 """Throughput of ``Trainer.fit`` with ``ClassConditionedDDPM`` against a plain PyTorch loop.
 
-    python benchmarks/train_overhead.py [--steps 30] [--rounds 3] [--batch-size 64] [--compile]
+    python benchmarks/train_overhead.py [--steps 30] [--rounds 5] [--batch-size 64] [--compile]
 
 Both train the demo's UNet on the same batches of embedded digits with the same objective
 (v-prediction, min-SNR-5), optimizer (AdamW, no decay on biases/norms), gradient clipping and
@@ -23,7 +23,7 @@ from diffusion_lightning.losses import diffusion_loss, min_snr_weights, snr, tra
 from diffusion_lightning.nets import build_unet
 from diffusion_lightning.schedulers import training_scheduler
 
-from _common import DEMO_NET, interleave, ratio_of_medians
+from _common import DEMO_NET, interleave, ratio_of_medians, ratio_spread
 
 MODEL_ARGS = dict(
     prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0, learning_rate=3e-3, p_uncond=0.1
@@ -105,7 +105,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--steps", type=int, default=30, help="optimizer steps per run")
     parser.add_argument("--warmup", type=int, default=5, help="steps excluded from the timing")
-    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of each run")
+    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each run")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--compile", action="store_true", help="torch.compile the UNet in both runs")
     args = parser.parse_args()
@@ -113,6 +113,7 @@ def main() -> None:
     results = interleave({"lightning": lambda: lightning_run(args), "raw": lambda: raw_run(args)}, args.rounds)
     for name, rates in results.items():
         print(f"{name}: steps/s per round {[round(r, 3) for r in rates]}")
+    print(f"per-round ratio (lightning / raw): {ratio_spread(results, 'lightning', 'raw')}")
     print(f"lightning_vs_raw_throughput={ratio_of_medians(results, 'lightning', 'raw'):.3f}")
 
 

@@ -8,6 +8,9 @@ from pathlib import Path
 # Before anything imports huggingface_hub, which reads these once: nothing may reach the network.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # one thread per worker: the processes the tests start (CLI runs, notebook kernels, DDP ranks) too
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402

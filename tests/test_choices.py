@@ -55,7 +55,15 @@ def test_the_literal_types_are_the_runtime_tuples():
 
 
 #: ``str`` arguments that are free text or paths, not choices.
-FREE_TEXT = {"teacher", "pretrained", "revision", "variant", "latent_cache_dir", "prior_data_dir"}
+FREE_TEXT = {
+    "teacher",
+    "pretrained",
+    "revision",
+    "variant",
+    "latent_cache_dir",
+    "text_embedding_cache_dir",
+    "prior_data_dir",
+}
 MODULES = [
     DiffusionModule,
     ClassConditionedDDPM,

@@ -73,11 +73,13 @@ class GlobalStepPruningCallback(PyTorchLightningPruningCallback):
             intermediate_values = trial.storage.get_trial_system_attrs(trial_id(trial)).get(keys.intermediate_value)
             intermediate_values = {**(intermediate_values or {}), step: value}
             trial.storage.set_trial_system_attr(trial_id(trial), keys.intermediate_value, intermediate_values)
+            if should_stop:
+                # stored before the broadcast: a rank that learns of the decision and leaves fit at once
+                # must find it in the storage when it calls check_pruned
+                trial.storage.set_trial_system_attr(trial_id(trial), keys.pruned, True)
+                trial.storage.set_trial_system_attr(trial_id(trial), keys.epoch, step)
         should_stop = trainer.strategy.broadcast(should_stop)
         trainer.should_stop = trainer.should_stop or should_stop
-        if should_stop and trainer.is_global_zero:
-            trial.storage.set_trial_system_attr(trial_id(trial), keys.pruned, True)
-            trial.storage.set_trial_system_attr(trial_id(trial), keys.epoch, step)
 
 
 def _fmt(value: float) -> str:
