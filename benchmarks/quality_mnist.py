@@ -209,7 +209,8 @@ def main() -> None:
         scales.append({"guidance_scale": scale, **row(result)})
         print(scales[-1], flush=True)
     results["guidance"] = scales
-    print(table("guidance scales (DPM-Solver++ 20 steps)", scales))
+    if scales:
+        print(table("guidance scales (DPM-Solver++ 20 steps)", scales))
     operating = next((r for r in scales if r["guidance_scale"] == guidance), None)
     if operating:
         print(f"recall at the operating guidance scale {guidance}: {operating['recall']:.4f}")

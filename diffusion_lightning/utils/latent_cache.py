@@ -17,7 +17,15 @@ from pathlib import Path
 
 import torch
 
-__all__ = ["LatentCache"]
+__all__ = ["LatentCache", "save_entry"]
+
+
+def save_entry(value: object, path: Path) -> None:
+    """``torch.save`` to ``path`` in one rename: a reader (or a run killed mid-write) never sees half a file."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")
+    torch.save(value, tmp)
+    os.replace(tmp, path)
 
 
 class LatentCache:
@@ -57,10 +65,7 @@ class LatentCache:
             if i in missing:
                 assert fresh is not None
                 value = fresh[i].clone()
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(value, tmp)
-                os.replace(tmp, path)
+                save_entry(value, path)
             else:
                 value = torch.load(path, map_location="cpu", weights_only=True)
             parameters.append(value)

@@ -28,6 +28,8 @@ from pathlib import Path
 
 import torch
 
+from diffusion_lightning.utils.latent_cache import save_entry
+
 __all__ = ["TextEmbeddingCache", "Embeddings"]
 
 #: ``(prompt_embeds, pooled_prompt_embeds or None)``, as the latent modules' ``encode_prompt`` returns them.
@@ -79,10 +81,7 @@ class TextEmbeddingCache:
                     "hidden": fresh_hidden[i].clone(),
                     "pooled": None if fresh_pooled is None else fresh_pooled[i].clone(),
                 }
-                path.parent.mkdir(parents=True, exist_ok=True)
-                tmp = path.with_suffix(f".{os.getpid()}.tmp")
-                torch.save(entry, tmp)
-                os.replace(tmp, path)
+                save_entry(entry, path)
             else:
                 entry = torch.load(path, map_location="cpu", weights_only=True)
             hidden.append(entry["hidden"])
