@@ -26,6 +26,7 @@ from typing_extensions import override
 from diffusion_lightning.losses import FLOW, PredictionType, check_choice
 from diffusion_lightning.modules.base import BetaSchedule, DiffusionModule
 from diffusion_lightning.modules.prior import PriorImages, prepare_prior, prior_training_step
+from diffusion_lightning.modules.text_caching import TextEmbeddingCaching
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.nets.latent import (
     LatentComponents,
@@ -40,7 +41,7 @@ from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.schedulers import flow_shift_of, is_flow
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
-from diffusion_lightning.utils.text_cache import Embeddings, TextEmbeddingCache
+from diffusion_lightning.utils.text_cache import Embeddings
 
 __all__ = ["ATTENTION", "TRAINING_MODES", "AttentionBackend", "LatentDiffusionModule", "TrainingMode"]
 
@@ -54,7 +55,7 @@ TEXT_LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
 FLOW_UNET_SAMPLERS = ("dpm", "unipc")
 
 
-class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
+class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, DiffusionModule):
     """Fine-tune a latent text-to-image model (VAE + CLIP text encoder + ``UNet2DConditionModel``).
 
     Batches are dicts with ``images`` (``(B, 3, H, W)`` in ``[-1, 1]``) and ``captions`` (strings)
@@ -236,7 +237,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
-        self._text_cache: TextEmbeddingCache | None = None
+        self._text_cache = None
         self.prior_loss_weight = prior_loss_weight
         self.prior = PriorImages(prior_data_dir, prior_prompts, num_prior_images) if prior_data_dir else None
 
@@ -357,35 +358,6 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         return self.encode_prompt(input_ids)[0]
 
     @property
-    def text_cache(self) -> TextEmbeddingCache | None:
-        """The text-embedding cache (``text_embedding_cache_dir``), ``None`` when off."""
-        if not self.text_embedding_cache_dir:
-            return None
-        if self._text_cache is None:
-            from diffusion_lightning.metrics.features import state_fingerprint
-
-            prints = "-".join(state_fingerprint(encoder, 8) for encoder in self.text_encoders)
-            self._text_cache = TextEmbeddingCache(self.text_embedding_cache_dir, f"{type(self).__name__}-{prints}")
-        return self._text_cache
-
-    def prompt_embeddings(self, input_ids: torch.Tensor) -> Embeddings:
-        """:meth:`encode_prompt` of token ids, read from the text-embedding cache when it is on."""
-        cache = self.text_cache
-        if cache is None:
-            return self.encode_prompt(input_ids)
-        hidden, pooled = cache.get(input_ids, self.encode_prompt)
-        dtype = self.text_encoders[0].dtype
-        return hidden.to(self.device, dtype), None if pooled is None else pooled.to(self.device, dtype)
-
-    def fill_text_cache(self, prompts: list[str], batch_size: int = 32) -> int:
-        """Encode every prompt the text-embedding cache lacks, and the empty prompt; returns the chunks encoded."""
-        cache = self.text_cache
-        if cache is None:
-            return 0
-        progress = self._trainer is None or self.trainer.progress_bar_callback is not None
-        return cache.fill([*prompts, ""], self.tokenize, self.encode_prompt, batch_size, progress=progress)
-
-    @property
     def empty_prompt_ids(self) -> torch.Tensor:
         if self._empty_ids is None or self._empty_ids.device != self.device:
             self._empty_ids = self.tokenize([""])[0]
@@ -495,11 +467,7 @@ class LatentDiffusionModule(TrainedWeightsCheckpoint, DiffusionModule):
         if self.prior is not None:
             prepare_prior(self)
         data = getattr(self.trainer, "datamodule", None)
-        if self.text_cache is not None:
-            if self.trainer.is_global_zero:
-                prompts = [c for ds in getattr(data, "datasets", {}).values() for c in getattr(ds, "captions", [])]
-                self.fill_text_cache(prompts + (self.prior.captions if self.prior is not None else []))
-            self.trainer.strategy.barrier("text_embedding_cache")
+        self.fill_text_cache_for_fit(self.prior.captions if self.prior is not None else [])
         if self.latent_cache_dir and (getattr(data, "random_flip", False) or not getattr(data, "center_crop", True)):
             raise ValueError(
                 f"latent_cache_dir={self.latent_cache_dir!r} caches one latent per image, which would freeze the "
