@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+from lightning.pytorch import Callback
 
 from diffusion_lightning import UNetConfig
 
@@ -17,6 +18,21 @@ JUDGE_DIR = REPO / "outputs" / "classifier_mnist"
 
 #: The demo's network (configs/ddpm_mnist.yaml).
 DEMO_NET = UNetConfig(block_out_channels=(32, 64, 128), layers_per_block=1, resnet_time_scale_shift="scale_shift")
+
+
+class StepClock(Callback):
+    """The time of every training step's end (``on_train_batch_end``)."""
+
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_batch_end(self, *args: object) -> None:
+        self.times.append(time.perf_counter())
+
+
+def steady_rate(times: list[float], warmup: int) -> float:
+    """Steps per second after the first ``warmup`` steps, from the steps' end times."""
+    return (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
 def interleave(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, list[float]]:

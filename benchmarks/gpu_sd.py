@@ -56,12 +56,14 @@ from diffusers import DDPMScheduler
 from diffusers.training_utils import cast_training_params
 from lightning.pytorch import Trainer, seed_everything
 from peft import LoraConfig
-from sd_step import Batches, StepClock, collate, steady_rate
+from sd_step import Batches, collate
 from torch.utils.flop_counter import FlopCounterMode
 
 from diffusion_lightning import LatentDiffusionModule, StableDiffusionXLModule
 from diffusion_lightning.nets.latent import LatentComponents, build_components
 from diffusion_lightning.nets.latent_xl import NUM_TIME_IDS, XLComponents, build_xl_components
+
+from _common import StepClock, steady_rate
 
 LORA_TARGETS = ["to_k", "to_q", "to_v", "to_out.0"]
 GPU = torch.cuda.is_available()

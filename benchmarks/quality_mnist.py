@@ -249,34 +249,34 @@ def _strips(out: Path, sampler: str, strips: dict[int, torch.Tensor]) -> None:
 
 
 def _plots(out: Path, over_time: list[dict[str, Any]], scales: list[dict[str, Any]]) -> None:
+    """accuracy_vs_time.png and guidance_tradeoff.png, each when its section ran."""
     out.mkdir(parents=True, exist_ok=True)
-    if not over_time or not scales:
-        return
-    figure, axis = plt.subplots(figsize=(6, 4))
-    axis.plot([r["minutes"] for r in over_time], [r["accuracy"] for r in over_time], marker="o", label="accuracy")
-    axis.plot([r["minutes"] for r in over_time], [r["recall"] for r in over_time], marker="s", label="recall")
-    for t in THRESHOLDS:
-        axis.axhline(t, color="grey", lw=0.6, ls="--")
-    axis.set_xlabel("training wall time (minutes, 2 CPU cores)")
-    axis.set_ylabel("fraction")
-    axis.set_title("judge accuracy of generated digits during training")
-    axis.legend()
-    figure.tight_layout()
-    figure.savefig(out / "accuracy_vs_time.png", dpi=100)
-    plt.close(figure)
-
-    figure, axis = plt.subplots(figsize=(5, 4))
-    axis.plot([r["recall"] for r in scales], [r["accuracy"] for r in scales], marker="o")
-    for r in scales:
-        axis.annotate(
-            f"w={r['guidance_scale']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(5, 5)
-        )
-    axis.set_xlabel("recall (diversity: real digits covered)")
-    axis.set_ylabel("judge accuracy")
-    axis.set_title("guidance: accuracy against diversity")
-    figure.tight_layout()
-    figure.savefig(out / "guidance_tradeoff.png", dpi=100)
-    plt.close(figure)
+    if over_time:
+        figure, axis = plt.subplots(figsize=(6, 4))
+        axis.plot([r["minutes"] for r in over_time], [r["accuracy"] for r in over_time], marker="o", label="accuracy")
+        axis.plot([r["minutes"] for r in over_time], [r["recall"] for r in over_time], marker="s", label="recall")
+        for t in THRESHOLDS:
+            axis.axhline(t, color="grey", lw=0.6, ls="--")
+        axis.set_xlabel("training wall time (minutes, 2 CPU cores)")
+        axis.set_ylabel("fraction")
+        axis.set_title("judge accuracy of generated digits during training")
+        axis.legend()
+        figure.tight_layout()
+        figure.savefig(out / "accuracy_vs_time.png", dpi=100)
+        plt.close(figure)
+    if scales:
+        figure, axis = plt.subplots(figsize=(5, 4))
+        axis.plot([r["recall"] for r in scales], [r["accuracy"] for r in scales], marker="o")
+        for r in scales:
+            axis.annotate(
+                f"w={r['guidance_scale']:g}", (r["recall"], r["accuracy"]), textcoords="offset points", xytext=(5, 5)
+            )
+        axis.set_xlabel("recall (diversity: real digits covered)")
+        axis.set_ylabel("judge accuracy")
+        axis.set_title("guidance: accuracy against diversity")
+        figure.tight_layout()
+        figure.savefig(out / "guidance_tradeoff.png", dpi=100)
+        plt.close(figure)
 
 
 if __name__ == "__main__":

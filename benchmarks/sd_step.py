@@ -26,13 +26,13 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch import seed_everything as seed_all
 
 from diffusion_lightning import LatentDiffusionModule, WarmupCosineLR
 from diffusion_lightning.nets.latent import LatentComponents, build_components
 
-from _common import interleave, ratio_of_medians, ratio_spread
+from _common import StepClock, interleave, ratio_of_medians, ratio_spread, steady_rate
 
 #: A small SD-shaped model that takes about a second per step on 2 CPU cores (64x64 images, 32x32 latents).
 SMALL = {
@@ -79,18 +79,6 @@ def collate(items: list[dict]) -> dict:
 def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     size = SIZES[args.size][1]
     return torch.utils.data.DataLoader(Batches(size, args.steps * args.batch_size), args.batch_size, collate_fn=collate)
-
-
-class StepClock(Callback):
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter())
-
-
-def steady_rate(times: list[float], warmup: int) -> float:
-    return (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
 def lightning_run(args: argparse.Namespace, mode: str = "full") -> float:

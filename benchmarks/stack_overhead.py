@@ -56,7 +56,7 @@ from diffusion_lightning import (
     WarmupCosineLR,
 )
 
-from _common import DEMO_NET
+from _common import DEMO_NET, StepClock
 
 #: configs/callbacks/default.yaml, by name (the samplers due at every validation here).
 STACK: dict[str, Callable[[], Callback]] = {
@@ -107,18 +107,16 @@ class HookTimer:
         return timed
 
 
-class StepClock(Callback):
-    """The time of every training step's end; placed last, so after every other callback's hooks.
-
-    It switches ``hooks`` on from the end of the last warm-up step to the end of the last step.
-    """
+class HookSwitch(StepClock):
+    """A step clock, placed last (so after every other callback's hooks), that switches ``hooks`` on
+    from the end of the last warm-up step to the end of the last step."""
 
     def __init__(self, hooks: HookTimer, warmup: int, steps: int) -> None:
-        self.times: list[float] = []
+        super().__init__()
         self.hooks, self.warmup, self.steps = hooks, warmup, steps
 
     def on_train_batch_end(self, *args: Any) -> None:
-        self.times.append(time.perf_counter())
+        super().on_train_batch_end(*args)
         self.hooks.on = self.warmup <= len(self.times) < self.warmup + self.steps
 
 
@@ -154,7 +152,7 @@ def run(
     hooks = HookTimer()
     for callback in callbacks:
         hooks.wrap(callback)
-    clock = StepClock(hooks, args.warmup, args.steps)
+    clock = HookSwitch(hooks, args.warmup, args.steps)
     steps = args.warmup + args.steps
     with tempfile.TemporaryDirectory() as root:
         trainer = Trainer(

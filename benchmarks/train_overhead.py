@@ -15,7 +15,7 @@ import os
 import time
 
 import torch
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 from lightning.pytorch import seed_everything as seed_all
 
 from diffusion_lightning import ClassConditionedDDPM, MNISTDataModule, WarmupCosineLR
@@ -23,25 +23,11 @@ from diffusion_lightning.losses import diffusion_loss, min_snr_weights, snr, tra
 from diffusion_lightning.nets import build_unet
 from diffusion_lightning.schedulers import training_scheduler
 
-from _common import DEMO_NET, interleave, ratio_of_medians, ratio_spread
+from _common import DEMO_NET, StepClock, interleave, ratio_of_medians, ratio_spread, steady_rate
 
 MODEL_ARGS = dict(
     prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0, learning_rate=3e-3, p_uncond=0.1
 )
-
-
-class StepClock(Callback):
-    """Time of every optimizer step's end."""
-
-    def __init__(self) -> None:
-        self.times: list[float] = []
-
-    def on_train_batch_end(self, *args) -> None:
-        self.times.append(time.perf_counter())
-
-
-def steady_rate(times: list[float], warmup: int) -> float:
-    return (len(times) - 1 - warmup) / (times[-1] - times[warmup])
 
 
 def lightning_run(args: argparse.Namespace) -> float:

@@ -237,7 +237,6 @@ class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, Diff
         self._empty_ids: torch.Tensor | None = None
         self._warned_truncation = False
         self._latent_cache: LatentCache | None = None
-        self._text_cache = None
         self.prior_loss_weight = prior_loss_weight
         self.prior = PriorImages(prior_data_dir, prior_prompts, num_prior_images) if prior_data_dir else None
 

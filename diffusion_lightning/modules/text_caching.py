@@ -47,9 +47,8 @@ class TextEmbeddingCaching:
         cache = self.text_cache
         if cache is None:
             return self.encode_prompt(input_ids)
-        hidden, pooled = cache.get(input_ids, self.encode_prompt)
-        dtype = self.text_encoders[0].dtype
-        return hidden.to(self.device, dtype), None if pooled is None else pooled.to(self.device, dtype)
+        hidden, pooled = cache.get(input_ids, self.encode_prompt)  # stored in the encoders' own dtypes
+        return hidden.to(self.device), None if pooled is None else pooled.to(self.device)
 
     def fill_text_cache(self, prompts: list[str], batch_size: int = 32) -> int:
         """Encode every prompt the text-embedding cache lacks, and the empty prompt; returns the chunks encoded."""
