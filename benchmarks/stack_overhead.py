@@ -5,7 +5,8 @@
 The demo model and data (configs/ddpm_mnist.yaml's network, batch 64), TensorBoard logging to a
 temporary folder in every run. The stack is configs/callbacks/default.yaml's: EMA (raw validation),
 the gradient/activation watcher (every 50 steps), timestep losses, the generation monitor and the
-sample grid, early stopping, the LR monitor and the run summary.
+sample grid, early stopping, the LR monitor, Lightning's throughput and device-statistics monitors and
+the run summary.
 
 Training steps: each run fits ``--warmup`` + ``--steps`` steps and times the last ``--steps`` of
 them, from one step's end to the next (data, forward, backward, optimizer and every hook), after a
@@ -41,7 +42,7 @@ from typing import Any
 import torch
 from lightning.pytorch import Callback, Trainer
 from lightning.pytorch import seed_everything as seed_all
-from lightning.pytorch.callbacks import EarlyStopping, LearningRateMonitor
+from lightning.pytorch.callbacks import DeviceStatsMonitor, EarlyStopping, LearningRateMonitor, ThroughputMonitor
 from lightning.pytorch.loggers import TensorBoardLogger
 
 from diffusion_lightning import (
@@ -55,6 +56,7 @@ from diffusion_lightning import (
     TimestepLossLogger,
     WarmupCosineLR,
 )
+from diffusion_lightning.callbacks import batch_size
 
 from _common import DEMO_NET, StepClock
 
@@ -72,6 +74,8 @@ STACK: dict[str, Callable[[], Callback]] = {
     "SampleGridLogger": lambda: SampleGridLogger(every_n_epochs=1, num_per_class=4),
     "EarlyStopping": lambda: EarlyStopping(monitor="val/loss", mode="min", patience=5),
     "LearningRateMonitor": lambda: LearningRateMonitor(logging_interval="step"),
+    "ThroughputMonitor": lambda: ThroughputMonitor(batch_size_fn=batch_size, window_size=20),
+    "DeviceStatsMonitor": lambda: DeviceStatsMonitor(),
     "RunSummary": lambda: RunSummary(),
 }
 SAMPLERS = ("GenerationMonitor", "SampleGridLogger")

@@ -3,6 +3,8 @@
     python benchmarks/t2i_digits.py                        # all three parts (~60 min on 2 CPU cores)
     python benchmarks/t2i_digits.py --part base --minutes 8
     python benchmarks/t2i_digits.py --part finetune --modes lora lora+prior
+    python benchmarks/t2i_digits.py --part base --out outputs/bench/t2i_flow -- \
+        --model.init_args.prediction_type flow_prediction --model.init_args.snr_gamma null
 
 1. ``vae``: trains configs/vae_digits.yaml and exports it; reports its PSNR/SSIM and the digit
    judge's accuracy on real validation digits and on their reconstructions.
@@ -156,6 +158,7 @@ def fit_base(args: argparse.Namespace, out: Path, run: Path, digits: list[int] |
             "--model.init_args.latent_cache_dir", str(out / "latents")]  # fmt: skip
     if digits is not None:
         argv += ["--data.init_args.digits", json.dumps(digits)]
+    argv += args.overrides
     callbacks = [WallClockSnapshots(run / "snapshots", args.snapshot_minutes * 60)] if snapshots else []
     start = time.perf_counter()
     DiffusionCLI(args=argv, trainer_defaults={"callbacks": callbacks})
@@ -222,6 +225,7 @@ def finetune(args: argparse.Namespace, out: Path, mode: str) -> dict[str, Any]:
     else:
         argv += ["--model.init_args.prior_data_dir", "null", "--model.init_args.prior_prompts", "null",
                  "--model.init_args.num_prior_images", "null"]  # fmt: skip
+    argv += args.overrides
     shutil.rmtree(run, ignore_errors=True)  # no checkpoint of an earlier run beside this one's
     timing = run / "timing.json"
     start = time.perf_counter()
@@ -368,7 +372,10 @@ def main() -> None:
     parser.add_argument("--out", default=str(REPO / "outputs/bench/t2i_digits"))
     parser.add_argument("--retrain", action="store_true", help="train again what OUT already holds")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    argv = sys.argv[1:]
+    split = argv.index("--") if "--" in argv else len(argv)
+    args = parser.parse_args(argv[:split])
+    args.overrides = argv[split + 1 :]  # after "--": CLI overrides for every fit (base models and fine-tunes)
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -40,6 +40,7 @@ DATA_TO_MODEL_LINKS: tuple[str, ...] = ("num_classes", "image_size", "in_channel
 
 
 def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
+    from diffusion_lightning import app
     from diffusion_lightning.commands import analyze, evaluate, export, sample, tune
 
     return {
@@ -48,6 +49,7 @@ def _extra_commands() -> dict[str, tuple[str, Callable[[Sequence[str]], Any]]]:
         "sample": ("Generate a labelled grid and per-image PNGs from a checkpoint or pipeline.", sample.main),
         "export": ("Write a diffusers pipeline folder from a checkpoint.", export.main),
         "tune": ("Optuna hyperparameter search over a fit config (trials are real fits).", tune.main),
+        "app": ("Local web app: generate images, browse runs, start and stop training.", app.main),
     }
 
 

@@ -72,6 +72,8 @@ def assert_full_stack(events: EventAccumulator) -> set[str]:
     for prefix in ("diffusion/loss_t", "val/loss_t", "debug/gradient/", "debug/activation/", "generation/", "evals/"):
         assert any(tag.startswith(prefix) for tag in scalars), prefix
     assert {"val/loss", "val/loss_raw", "latent/std", "evals/fid", "evals/accuracy", "evals/precision"} <= scalars
+    assert {"train/samples", "train/device/samples_per_sec", "validate/samples"} <= scalars  # ThroughputMonitor
+    assert "DeviceStatsMonitor.on_train_batch_end/cpu_percent" in scalars
     assert any(tag.startswith("debug/") for tag in tags["histograms"])
     assert {"samples/grid", "generation/samples", "generation/trajectory", "diffusion/summary"} <= images
     # the EMA weights are validated, the raw ones too, and they differ

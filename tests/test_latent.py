@@ -116,7 +116,7 @@ def test_lora_export_loads_with_load_lora_weights_and_changes_the_output(tmp_pat
     checkpoint = tmp_path / "lora.ckpt"
     trainer.save_checkpoint(checkpoint)
     export.main(["--ckpt", str(checkpoint), "--out", str(tmp_path / "lora")])
-    assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]
+    assert "pytorch_lora_weights.safetensors" in [p.name for p in (tmp_path / "lora").iterdir()]
 
     base = build_components()
     pipeline = StableDiffusionPipeline(

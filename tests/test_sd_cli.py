@@ -63,7 +63,7 @@ def test_validation_samples_and_cross_attention_on_disk_and_in_tensorboard(sd_ru
 def test_exported_adapters_load_into_a_fresh_base_pipeline_and_change_it(sd_run, tmp_path):
     ckpt = sd_run / "checkpoints" / "last.ckpt"
     main(["export", "--ckpt", str(ckpt), "--out", str(tmp_path / "lora")])
-    assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]
+    assert "pytorch_lora_weights.safetensors" in [p.name for p in (tmp_path / "lora").iterdir()]
 
     module = load_module(ckpt)
     parts = module.base_components()

@@ -260,7 +260,7 @@ def test_smoke_config_checkpoints_hold_the_adapters_of_all_three_networks(smoke_
 def test_lora_and_merged_exports_load_in_a_fresh_process_and_match_the_module(smoke_run, tmp_path):
     ckpt = smoke_run / "checkpoints" / "last.ckpt"
     export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "lora")])
-    assert [p.name for p in (tmp_path / "lora").iterdir()] == ["pytorch_lora_weights.safetensors"]
+    assert "pytorch_lora_weights.safetensors" in [p.name for p in (tmp_path / "lora").iterdir()]
     prefixes = {key.split(".")[0] for key in load_file(tmp_path / "lora" / "pytorch_lora_weights.safetensors")}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     export.main(["--ckpt", str(ckpt), "--out", str(tmp_path / "merged"), "--merge-lora"])

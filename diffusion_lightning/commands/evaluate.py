@@ -4,6 +4,7 @@ Class-conditioned models are evaluated over their classes (``per_class.csv``), t
 over prompts (``--prompts FILE``, else a checkpoint's ``validation_prompts``; ``per_prompt.csv``).
 The samples are compared with real images: ``--reference DIR`` (a folder of images, or a captions
 folder with ``metadata.jsonl``), else the ``--reference-split`` of ``--data`` (embedded MNIST by default).
+An evaluated pipeline folder (``--pipeline DIR``) gets the metrics in its model card ``DIR/README.md``.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from diffusion_lightning.metrics.prompts import PromptSet, read_prompts
 from diffusion_lightning.metrics.report import EvaluationResult
 from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, condition_spec
 from diffusion_lightning.utils.device import resolve_device
+from diffusion_lightning.utils.model_card import update_card_metrics
 
 #: Where ``evaluate`` logs its numbers.
 LoggerName = Literal["tensorboard", "csv", "wandb", "neptune", "none"]
@@ -253,6 +255,9 @@ def main(argv: Sequence[str] | None = None) -> EvaluationResult:
             image_size=defaults.get("image_size") if spec.kind == "prompt" else None,
         )
     result.write(out, **info, step=step)
+    if args.pipeline and not args.real and Path(args.pipeline).is_dir():  # the folder's card holds its last evaluation
+        reference = Path(args.reference).name if args.reference else type(datamodule).__name__
+        update_card_metrics(args.pipeline, result.metrics(), dataset=reference)
     loggers = make_loggers(args.logger, out)
     result.log(loggers, step=step)
     for logger in loggers:

@@ -11,18 +11,28 @@ What ``--out`` may be, checked before the checkpoint is read:
 Anything else is refused with an ``error:`` line and left untouched: a file (the checkpoint itself,
 say), a folder that holds something other than a pipeline (a run folder with checkpoints), a path
 under a file, a pipeline without ``--overwrite``, or a folder that holds the checkpoint exported.
+
+Every folder written holds a model card, ``README.md`` (see :mod:`diffusion_lightning.utils.model_card`):
+its ``license`` is ``--license`` (default ``other``: the terms depend on the data and the base model, which
+only the owner can state), it describes the run of the checkpoint (its summary ``metrics.json``,
+``config.yaml`` and last ``eval/metrics.json``), and ``samples.png`` beside it is the run's newest sample
+grid, else a small grid drawn by the exported model (``--no-samples`` skips the drawing). A
+class-conditioned pipeline also holds ``pipeline.py``, with which diffusers alone loads it.
 """
 
 from __future__ import annotations
 
+import inspect
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from diffusion_lightning.commands.common import CommandParser, SchedulerName, WeightsName, add_dataclass_flags
 from diffusion_lightning.modules.loading import load_module
 from diffusion_lightning.utils.io import recover_directory
+from diffusion_lightning.utils.model_card import DEFAULT_LICENSE, ModelCardOptions, check_license, read_run
 
 #: Files at the top of a folder that make it a pipeline ``export`` may replace (with ``--overwrite``):
 #: a pipeline, a LoRA export, or one diffusers model (an exported AutoencoderKL).
@@ -51,6 +61,10 @@ class ExportArguments:
     """The EMA weights when the run had them (``ema``) or the raw trained ones (``raw``)."""
     merge_lora: bool = False
     """LoRA runs: write a full pipeline with the adapters fused in, instead of the adapter weights alone."""
+    license: str = DEFAULT_LICENSE
+    """License of the weights in the model card: a Hub identifier (apache-2.0, mit, openrail++, ...)."""
+    samples: bool = True
+    """Draw a small sample grid for the model card when the run left none."""
 
 
 def build_parser() -> CommandParser:
@@ -63,7 +77,9 @@ def build_parser() -> CommandParser:
         "only with --overwrite, in one step: it holds the old "
         "pipeline or the new one at every moment, also when export is killed. A file, a folder holding anything "
         "else (e.g. a run folder with checkpoints) or a path under a file is never replaced: export stops with an "
-        "error and leaves it as it is.",
+        "error and leaves it as it is. Every folder holds a model card, README.md (--license, the run's summary and "
+        "last evaluation), and samples.png: the run's newest sample grid, else a small one drawn "
+        "(not with --no-samples).",
     )
     add_dataclass_flags(parser, ExportArguments)
     return parser
@@ -114,6 +130,10 @@ def check_out(out: str, ckpt: str, overwrite: bool) -> None:
 def main(argv: Sequence[str] | None = None) -> Path:
     """Entry point of ``diffusion-lightning export``; the pipeline folder written."""
     args = build_parser().parse_args(argv)
+    try:
+        check_license(args.license)
+    except ValueError as error:
+        raise SystemExit(f"error: --{error}") from error
     check_out(args.out, args.ckpt, args.overwrite)
     try:
         module = load_module(args.ckpt, weights=args.weights)
@@ -121,11 +141,13 @@ def main(argv: Sequence[str] | None = None) -> Path:
         raise SystemExit(f"error: {error}") from error
     if args.merge_lora and getattr(module, "training_mode", None) != "lora":
         raise SystemExit(f"error: --merge-lora applies to LoRA runs; {args.ckpt} was not trained with LoRA.")
+    options: dict[str, Any] = {"scheduler": args.scheduler}
+    if args.merge_lora:
+        options["merge_lora"] = True
+    if "card" in inspect.signature(module.export_pipeline).parameters:  # another module's export may take none
+        options["card"] = ModelCardOptions(license=args.license, run=read_run(args.ckpt), samples=args.samples)
     try:
-        if args.merge_lora:
-            path = module.export_pipeline(args.out, scheduler=args.scheduler, merge_lora=True)
-        else:
-            path = module.export_pipeline(args.out, scheduler=args.scheduler)
+        path = module.export_pipeline(args.out, **options)
     except NotADirectoryError as error:  # --out changed since it was checked
         raise SystemExit(f"error: --out {args.out!r}: {error}") from error
     print(f"exported {type(module).__name__} from {args.ckpt} to {path}")

@@ -27,6 +27,7 @@ from typing_extensions import override
 from diffusion_lightning.losses import check_choice
 from diffusion_lightning.optim import optimizer_config
 from diffusion_lightning.utils.io import atomic_directory
+from diffusion_lightning.utils.model_card import ModelCardOptions, write_model_card
 from diffusion_lightning.utils.seeding import mix_seed
 
 __all__ = ["AutoencoderKLModule", "RECONSTRUCTION_LOSSES", "default_vae_config"]
@@ -344,12 +345,15 @@ class AutoencoderKLModule(LightningModule):
             groups.append({"params": no_decay, "lr": self.learning_rate, "weight_decay": 0.0})
         return optimizer_config(self.optimizer_factory(groups), self.lr_scheduler_factory, self.trainer)
 
-    def export_pipeline(self, path: str | os.PathLike[str], scheduler: str | None = None) -> Path:
-        """Write the VAE as an ``AutoencoderKL`` folder (with ``scaling_factor``), atomically.
+    def export_pipeline(
+        self, path: str | os.PathLike[str], scheduler: str | None = None, card: ModelCardOptions | None = None
+    ) -> Path:
+        """Write the VAE as an ``AutoencoderKL`` folder (with ``scaling_factor``) and its model card, atomically.
 
         Args:
             path: The folder; it appears only once complete.
             scheduler: Must be ``None``: an autoencoder has no sampling scheduler.
+            card: License and run of the card ``README.md`` (see :mod:`diffusion_lightning.utils.model_card`).
 
         Raises:
             ValueError: When ``scheduler`` is given.
@@ -359,4 +363,5 @@ class AutoencoderKLModule(LightningModule):
         self.vae.register_to_config(scaling_factor=self.scaling_factor)
         with atomic_directory(path) as tmp:
             self.vae.save_pretrained(tmp, safe_serialization=True)
+            write_model_card(tmp, self, path, "vae", options=card)
         return Path(path)

@@ -38,9 +38,11 @@ from diffusion_lightning.losses import (
 )
 from diffusion_lightning.modules.nonfinite import NonFiniteLossGuard, NonFiniteLossMode
 from diffusion_lightning.optim import WarmupCosineLR, optimizer_config
+from diffusion_lightning.pipelines import save_pipeline_code
 from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, generate
 from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from diffusion_lightning.utils.io import atomic_directory
+from diffusion_lightning.utils.model_card import ModelCardOptions, write_model_card
 from diffusion_lightning.utils.seeding import collect_rng_states, mix_seed, restore_rng_states
 
 __all__ = ["BetaSchedule", "DiffusionModule", "DiffusionStepOutput", "SamplerName", "mix_seed"]
@@ -448,15 +450,23 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
             restore_rng_states(self._rng_states_to_restore)
             self._rng_states_to_restore = None
 
-    def export_pipeline(self, path: str | os.PathLike[str], scheduler: str | None = None) -> Path:
-        """Save a ready-to-load diffusers pipeline folder, atomically.
+    def export_pipeline(
+        self, path: str | os.PathLike[str], scheduler: str | None = None, card: ModelCardOptions | None = None
+    ) -> Path:
+        """Save a ready-to-load diffusers pipeline folder with its model card, atomically.
 
         The folder appears only once complete: it is written next to ``path`` and renamed into
-        place, so an interrupted export never leaves a folder that ``from_pretrained`` accepts.
+        place, so an interrupted export never leaves a folder that ``from_pretrained`` accepts. It
+        holds the card ``README.md`` (see :mod:`diffusion_lightning.utils.model_card`; ``card`` gives
+        its license, the run it describes and whether to draw ``samples.png``) and, for a pipeline
+        class of this package, the class's module as ``pipeline.py``, so that diffusers alone loads
+        it with ``custom_pipeline``.
         """
         pipeline = self.build_pipeline(scheduler)
         with atomic_directory(path) as tmp:
             pipeline.save_pretrained(tmp, safe_serialization=True)
+            save_pipeline_code(pipeline, tmp)
+            write_model_card(tmp, self, path, "pipeline", pipeline, card)
         return Path(path)
 
     def sampling_scheduler(self, name: str | None = None):

@@ -41,6 +41,7 @@ from diffusion_lightning.pipelines.conditioning import ConditionSpec
 from diffusion_lightning.schedulers import flow_shift_of, is_flow
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
+from diffusion_lightning.utils.model_card import ModelCardOptions, write_model_card
 from diffusion_lightning.utils.text_cache import Embeddings
 
 __all__ = ["ATTENTION", "TRAINING_MODES", "AttentionBackend", "LatentDiffusionModule", "TrainingMode"]
@@ -538,7 +539,11 @@ class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, Diff
 
     @override
     def export_pipeline(
-        self, path: str | os.PathLike[str], scheduler: str | None = None, merge_lora: bool = False
+        self,
+        path: str | os.PathLike[str],
+        scheduler: str | None = None,
+        merge_lora: bool = False,
+        card: ModelCardOptions | None = None,
     ) -> Path:
         """Write a pipeline folder, atomically.
 
@@ -546,10 +551,11 @@ class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, Diff
         mode writes the adapters alone (``pytorch_lora_weights.safetensors``, loadable with
         ``load_lora_weights`` on the base model), or with ``merge_lora`` a complete pipeline whose
         weights have the adapters fused in (built on fresh base components, so no adapter layer
-        names reach the saved weights).
+        names reach the saved weights). Every folder holds its model card ``README.md`` (see
+        :meth:`DiffusionModule.export_pipeline`).
         """
         if self.training_mode != "lora":
-            return super().export_pipeline(path, scheduler)
+            return super().export_pipeline(path, scheduler, card=card)
         with atomic_directory(path) as tmp:
             adapters = {**self.lora_state_dicts(), **self.lora_metadata()}
             self.pipeline_class().save_lora_weights(tmp, **adapters, safe_serialization=True)
@@ -558,4 +564,8 @@ class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, Diff
                 merged = fused_lora_pipeline(self.make_pipeline(parts), tmp)
                 (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
                 merged.save_pretrained(tmp, safe_serialization=True)
+                write_model_card(tmp, self, path, "pipeline", merged, card)
+            else:
+                drawn = self.build_pipeline(scheduler) if card is not None and card.samples else None
+                write_model_card(tmp, self, path, "lora", drawn, card)
         return Path(path)

@@ -10,6 +10,16 @@ from diffusers import ModelMixin, UNet2DModel
 
 from diffusion_lightning.nets.class_conditioned import ClassConditionedUnet
 
+# defined beside the pipeline, whose module an exported folder carries as pipeline.py
+from diffusion_lightning.pipelines.class_conditioned import INSTALLED_COMPONENTS
+from diffusion_lightning.pipelines.class_conditioned import num_classes_of as num_classes_of
+
+#: An exported folder carries ClassConditionedUnet's module as unet/class_conditioned.py (see
+#: :func:`~diffusion_lightning.pipelines.save_pipeline_code`); with the package installed, its own class loads it.
+INSTALLED_COMPONENTS[(ClassConditionedUnet.__module__.rsplit(".", 1)[-1], ClassConditionedUnet.__name__)] = (
+    ClassConditionedUnet
+)
+
 
 @dataclass
 class UNetConfig:
@@ -120,17 +130,3 @@ def build_unet(config: UNetConfig, *, sample_size: int, in_channels: int, num_cl
             num_classes=num_classes, class_emb_size=config.class_embed_dim, in_channels=in_channels, **common
         )
     return UNet2DModel(in_channels=in_channels, num_class_embeds=num_classes + 1, **common)
-
-
-def num_classes_of(unet: ModelMixin) -> int:
-    """Number of real classes a class-conditioned network was built for (null class excluded)."""
-    config = unet.config
-    if "num_classes" in config:
-        return int(config["num_classes"])
-    embeds = config.get("num_class_embeds")
-    if not embeds:
-        raise ValueError(
-            f"{type(unet).__name__} has no class embedding (num_class_embeds={embeds!r}); "
-            "build it with num_class_embeds = classes + 1."
-        )
-    return int(embeds) - 1

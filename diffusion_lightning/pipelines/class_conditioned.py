@@ -1,4 +1,15 @@
-"""Class-conditioned image generation with classifier-free guidance, as a diffusers pipeline."""
+"""Class-conditioned image generation with classifier-free guidance, as a diffusers pipeline.
+
+This module imports nothing but torch, NumPy, PIL and diffusers: an exported pipeline folder carries a
+copy of it as ``pipeline.py``, so the folder also loads where only diffusers is installed, the way
+diffusers loads custom pipelines::
+
+    DiffusionPipeline.from_pretrained(folder, custom_pipeline=folder, trust_remote_code=True)
+
+A UNet class of the package (``ClassConditionedUnet``) travels the same way, as its module in the
+``unet`` folder (diffusers' convention for custom components); where the package is installed, the
+installed class is used instead (:data:`INSTALLED_COMPONENTS`) and no code of the folder runs.
+"""
 
 from __future__ import annotations
 
@@ -10,16 +21,80 @@ from typing import Any
 
 import numpy as np
 import PIL.Image
+import PIL.ImageDraw
+import PIL.ImageFont
 import torch
 from diffusers import DiffusionPipeline
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from diffusion_lightning.nets.unet import num_classes_of
-from diffusion_lightning.pipelines.conditioning import ConditionSpec
-from diffusion_lightning.utils.images import label_grid, make_grid
-
 OUTPUT_TYPES = ("pil", "np", "pt")
+#: Component classes installed with this module, by the ``[module, class]`` entry that an exported
+#: ``model_index.json`` records for a component whose module the folder carries (``unet/<module>.py``):
+#: :meth:`ClassConditionedPipeline.from_pretrained` builds such a component with the installed class.
+INSTALLED_COMPONENTS: dict[tuple[str, str], type] = {}
+#: ``from_pretrained`` arguments that also apply to reading ``model_index.json`` and one model.
+_HUB_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision")
+_MODEL_KWARGS = (*_HUB_KWARGS, "variant", "use_safetensors", "low_cpu_mem_usage")
+#: Pixels between the images of a grid (white), as in the package's other grids.
+GRID_PADDING = 2
+
+
+def num_classes_of(unet: Any) -> int:
+    """Number of real classes a class-conditioned network was built for (null class excluded)."""
+    config = unet.config
+    if "num_classes" in config:
+        return int(config["num_classes"])
+    embeds = config.get("num_class_embeds")
+    if not embeds:
+        raise ValueError(
+            f"{type(unet).__name__} has no class embedding (num_class_embeds={embeds!r}); "
+            "build it with num_class_embeds = classes + 1."
+        )
+    return int(embeds) - 1
+
+
+def _make_grid(images: torch.Tensor, nrow: int, padding: int = GRID_PADDING) -> torch.Tensor:
+    """Tile ``(B, C, H, W)`` images in ``[0, 1]`` into a ``(C, H', W')`` grid on white, ``nrow`` per row."""
+    images = images.float().clamp(0, 1)
+    count, channels, height, width = images.shape
+    if count == 1:  # one image is its own grid, unpadded
+        return images[0]
+    columns = min(nrow, count)
+    rows = math.ceil(count / columns)
+    grid = torch.ones(channels, rows * (height + padding) + padding, columns * (width + padding) + padding)
+    for k, image in enumerate(images):
+        top, left = (k // columns) * (height + padding) + padding, (k % columns) * (width + padding) + padding
+        grid[:, top : top + height, left : left + width] = image
+    return grid
+
+
+def _label_grid(grid: torch.Tensor, row_labels: Sequence[str] | None, scale: int = 1) -> PIL.Image.Image:
+    """The grid as an RGB PIL image, upscaled by ``scale`` and with a label left of each row."""
+    if scale < 1:
+        raise ValueError(f"scale={scale!r} must be >= 1.")
+    arr = (grid.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
+    image = PIL.Image.fromarray(arr[0], mode="L") if arr.shape[0] == 1 else PIL.Image.fromarray(arr.transpose(1, 2, 0))
+    image = image.convert("RGB")
+    if scale > 1:
+        image = image.resize((image.width * scale, image.height * scale), PIL.Image.NEAREST)
+    if not row_labels:
+        return image
+    font = PIL.ImageFont.load_default()
+    margin = 8 + max(int(PIL.ImageDraw.Draw(image).textlength(str(label), font=font)) for label in row_labels)
+    canvas = PIL.Image.new("RGB", (image.width + margin, image.height), "white")
+    canvas.paste(image, (margin, 0))
+    draw = PIL.ImageDraw.Draw(canvas)
+    row_height = (image.height - GRID_PADDING * scale) / len(row_labels)
+    for r, label in enumerate(row_labels):
+        draw.text(
+            (4, GRID_PADDING * scale + r * row_height + row_height / 2),
+            str(label),
+            fill="black",
+            font=font,
+            anchor="lm",
+        )
+    return canvas
 
 
 def _is_int(value: Any) -> bool:
@@ -87,21 +162,43 @@ class ClassConditionedPipeline(DiffusionPipeline):
     def __init__(self, unet, scheduler, class_names: list[str] | None = None) -> None:
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
-        if class_names is not None and len(class_names) != num_classes_of(unet):
+        if class_names is not None and unet is not None and len(class_names) != num_classes_of(unet):
             raise ValueError(
                 f"class_names has {len(class_names)} entries but the unet has {num_classes_of(unet)} classes."
             )
         self.register_to_config(class_names=list(class_names) if class_names is not None else None)
 
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: Any, **kwargs: Any) -> Any:
+        """diffusers' ``from_pretrained``, with an installed class for a UNet the folder carries as code.
+
+        When ``model_index.json`` names the UNet ``[module, class]`` of :data:`INSTALLED_COMPONENTS`
+        (a folder with ``unet/<module>.py``), the UNet is built with the installed class, so the
+        folder loads without ``trust_remote_code`` and its code is not run. Otherwise, as diffusers.
+        """
+        installed = None
+        if "unet" not in kwargs and INSTALLED_COMPONENTS:
+            index = cls.load_config(pretrained_model_name_or_path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+            entry = index.get("unet")
+            if isinstance(entry, (list, tuple)) and len(entry) == 2:
+                installed = INSTALLED_COMPONENTS.get((entry[0], entry[1]))
+        if installed is None:
+            return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
+        options = {k: kwargs[k] for k in _MODEL_KWARGS if k in kwargs}
+        dtype = kwargs.get("torch_dtype")
+        if isinstance(dtype, dict):
+            dtype = dtype.get("unet", dtype.get("default"))
+        if dtype is not None:
+            options["torch_dtype"] = dtype
+        unet = installed.from_pretrained(pretrained_model_name_or_path, subfolder="unet", **options)
+        pipeline = super().from_pretrained(pretrained_model_name_or_path, unet=None, **kwargs)
+        pipeline.register_modules(unet=unet)
+        return pipeline
+
     @property
     def num_classes(self) -> int:
         """Number of real classes (the null class excluded)."""
         return num_classes_of(self.unet)
-
-    def condition_spec(self) -> ConditionSpec:
-        """Class labels ``0..num_classes-1`` (with their names): what this pipeline can be asked for."""
-        names = self.config.get("class_names")
-        return ConditionSpec("class", num_classes=self.num_classes, class_names=tuple(names) if names else None)
 
     def class_label_tensor(
         self, class_labels: int | Sequence[int] | torch.Tensor, batch_size: int | None = None
@@ -344,7 +441,7 @@ class ClassConditionedPipeline(DiffusionPipeline):
             for i in range(0, labels.numel(), chunk)
         ]
         images = torch.cat(parts)
-        grid = make_grid(images, nrow=num_per_class)
+        grid = _make_grid(images, nrow=num_per_class)
         names = self.config.get("class_names") or [str(c) for c in range(self.num_classes)]
-        pil = label_grid(grid, [names[c] for c in rows] if label_rows else None, scale=scale)
+        pil = _label_grid(grid, [names[c] for c in rows] if label_rows else None, scale=scale)
         return ClassGridOutput(grid=grid, pil_grid=pil, images=images, class_labels=labels)

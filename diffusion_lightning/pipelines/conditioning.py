@@ -194,9 +194,10 @@ class ConditionSpec:
 def condition_spec(model: Any) -> ConditionSpec:
     """The :class:`ConditionSpec` of a module or pipeline: its own ``condition_spec()`` when it has one.
 
-    This package's modules and :class:`~diffusion_lightning.pipelines.ClassConditionedPipeline` declare
-    theirs; a diffusers pipeline with a text encoder or tokenizer (Stable Diffusion and kin) is a
-    ``prompt`` model, and any other object with an integer ``num_classes`` a ``class`` model.
+    This package's modules declare theirs; a diffusers pipeline with a text encoder or tokenizer (Stable
+    Diffusion and kin) is a ``prompt`` model, and any other object with an integer ``num_classes`` (as
+    :class:`~diffusion_lightning.pipelines.ClassConditionedPipeline`) a ``class`` model, with the
+    ``class_names`` of its config.
     """
     declared = getattr(model, "condition_spec", None)
     if callable(declared):
