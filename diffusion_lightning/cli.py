@@ -16,12 +16,12 @@ from typing import Any
 
 from jsonargparse import DefaultHelpFormatter
 from lightning.pytorch import LightningDataModule, LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, LRSchedulerTypeTuple
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 from torch.optim import Optimizer
 from typing_extensions import override
 
+from diffusion_lightning.callbacks.checkpoint import BestAndLastCheckpoint
 from diffusion_lightning.errors import (
     OneLineErrors,
     close_match,
@@ -60,7 +60,8 @@ class DiffusionCLI(LightningCLI):
       ``LightningDataModule`` as ``data`` (``class_path``/``init_args``);
     - the data module's ``num_classes``, ``image_size``, ``in_channels`` and ``class_names`` are
       linked to the model's arguments of the same name;
-    - a ``checkpoint`` group configures one ``ModelCheckpoint`` that keeps the best (lowest
+    - a ``checkpoint`` group configures one ``ModelCheckpoint``
+      (:class:`~diffusion_lightning.callbacks.checkpoint.BestAndLastCheckpoint`) that keeps the best (lowest
       ``val/loss``) and the last checkpoint in ``<default_root_dir>/checkpoints``, so
       ``--ckpt_path last`` finds the last one of an earlier run; checkpoints are written beside
       their target and renamed into place (:class:`~diffusion_lightning.utils.checkpoint_io.AtomicCheckpointIO`)
@@ -109,7 +110,7 @@ class DiffusionCLI(LightningCLI):
                 group = getattr(parser, "groups", {}).get(key)
                 if group is not None:
                     group.title, group.description = title, self.TOP_LEVEL_NOTE
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(BestAndLastCheckpoint, "checkpoint")
         parser.set_defaults(
             {
                 "checkpoint.monitor": "val/loss",
