@@ -14,7 +14,7 @@ JUDGE := outputs/classifier_mnist/checkpoints/last.ckpt
 help:
 	@echo "make demo       train the MNIST DDPM (~12 min on 2 CPU cores), export, sample and evaluate it in $(DEMO_DIR)/"
 	@echo "make demo-t2i   a latent text-to-image model on captioned digits: VAE, base model on 0-7, LoRA teaching 8 and 9,"
-	@echo "                export, sample and evaluate, in $(T2I_DIR)/ (~24 min on 2 CPU cores)"
+	@echo "                export, sample and evaluate, in $(T2I_DIR)/ (~20 min on 2 CPU cores)"
 	@echo "make test       ruff + the test suite"
 	@echo "make lint       ruff + mypy"
 	@echo "make bench      the performance benchmarks in benchmarks/"

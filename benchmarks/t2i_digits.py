@@ -62,7 +62,7 @@ PROMPTS = read_prompts(REPO / "configs/prompts/digits.txt").prompts
 OLD, NEW = PROMPTS[:8], PROMPTS[8:]
 MODES = ("lora", "lora+prior", "lora_attention+prior", "full", "full+prior", "text_encoder", "text_encoder+prior")
 #: Learning rate per training mode (LoRA's is the config's).
-LEARNING_RATES = {"lora": 2e-3, "lora_attention": 2e-3, "full": 3e-4, "text_encoder": 1e-3}
+LEARNING_RATES = {"lora": 3e-3, "lora_attention": 3e-3, "full": 3e-4, "text_encoder": 1e-3}
 GUIDANCE = (1.0, 3.0, 5.0, 7.0, 9.0)
 
 
