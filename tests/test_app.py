@@ -1,10 +1,13 @@
 """``diffusion-lightning app``, driven in a real headless browser (Debian chromium and chromedriver).
 
-A tiny class-conditioned DDPM learns three very distinct 8x8 prototypes (a horizontal bar, a
-vertical bar, a filled square) in seconds; the browser asks the app for each class with a fixed
-seed, the image is read back from the page and a nearest-prototype judge must read the class asked
-for, pixel for pixel the pipeline's own output for that seed. The Train tab starts a smoke fit,
-stops it with a checkpoint, and the fit resumes from that checkpoint's step.
+The project's digit judge (a :class:`~diffusion_lightning.DigitClassifier` trained briefly on the
+embedded MNIST digits, applied through :class:`~diffusion_lightning.metrics.DigitFeatures` and
+``judge_scores`` as ``evaluate`` applies it) picks one real digit each of 0, 1 and 4 that it reads
+with confidence. A tiny class-conditioned DDPM memorises these three digits, shrunk from 28x28 to
+14x14; the browser asks the app for each class with a fixed seed, the image is read back from the
+page and the judge (which resizes it to 28x28, as in ``evaluate``) must read the digit asked for,
+pixel for pixel the pipeline's own output for that seed. The Train tab starts a smoke fit, stops
+it with a checkpoint, and the fit resumes from that checkpoint's step.
 """
 
 from __future__ import annotations
@@ -27,40 +30,36 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMEDRIVER = "/usr/bin/chromedriver"
-CLASS_NAMES = ["hbar", "vbar", "square"]
+DIGITS = (0, 1, 4)  # the digit of each class of the pipeline
+CLASS_NAMES = ["zero", "one", "four"]
 PIPELINE = "prototypes/pipeline"
 CHECKPOINT = "prototypes/checkpoints/last.ckpt"
 SMOKE_CONFIG = "smoke/ddpm_mnist.yaml"
+SIZE = 14  # the pipeline draws the digits at half size (memorised in seconds); the judge resizes them to 28
 
 
-def prototypes() -> torch.Tensor:
-    """The three classes' images in [-1, 1], ``(3, 1, 8, 8)``."""
-    images = -torch.ones(3, 1, 8, 8)
-    images[0, :, 3:5, :] = 1  # a horizontal bar
-    images[1, :, :, 3:5] = 1  # a vertical bar
-    images[2, :, 2:6, 2:6] = 1  # a filled square
-    return images
+def judge_reads(judge, images: torch.Tensor) -> list[int]:
+    """The digits the judge reads in ``images`` (``(B, 1, H, W)`` in [0, 1]), as ``evaluate`` scores them."""
+    from diffusion_lightning.metrics import judge_scores
+
+    logits = judge.encode(images)["logits"]
+    return judge_scores(logits, torch.zeros(len(logits), dtype=torch.long))["predicted"].tolist()
 
 
 class Prototypes(torch.utils.data.Dataset):
-    """``n`` noisy copies of the prototypes, the classes in turn."""
+    """``n`` slightly noisy copies of ``prototypes`` (``(3, 1, 28, 28)`` in [-1, 1]), the classes in turn."""
 
-    def __init__(self, n: int = 512) -> None:
+    def __init__(self, prototypes: torch.Tensor, n: int = 512) -> None:
         g = torch.Generator().manual_seed(0)
         self.labels = torch.arange(n) % 3
-        self.images = (prototypes()[self.labels] + 0.1 * torch.randn(n, 1, 8, 8, generator=g)).clamp(-1, 1)
+        noise = 0.05 * torch.randn(n, *prototypes.shape[1:], generator=g)
+        self.images = (prototypes[self.labels] + noise).clamp(-1, 1)
 
     def __len__(self) -> int:
         return len(self.labels)
 
     def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
         return {"images": self.images[i], "labels": self.labels[i]}
-
-
-def judge(image: torch.Tensor) -> int:
-    """The class whose prototype is nearest to ``image`` (``(1, 8, 8)`` in [0, 1])."""
-    distances = ((image - (prototypes() + 1) / 2) ** 2).flatten(1).mean(1)
-    return int(distances.argmin())
 
 
 def browser_unavailable() -> str | None:
@@ -79,20 +78,58 @@ def browser_unavailable() -> str | None:
 
 
 @pytest.fixture(scope="module")
-def root(tmp_path_factory) -> Path:
-    """The app's root, holding a trained class-conditioned pipeline."""
+def digit_judge(tmp_path_factory):
+    """The digit judge, a small DigitClassifier trained for 200 steps on the embedded MNIST digits."""
+    from diffusion_lightning import DigitClassifier, MNISTDataModule
+    from diffusion_lightning.metrics import DigitFeatures
+
+    torch.manual_seed(0)
+    data = MNISTDataModule(source="embedded", batch_size=64)
+    classifier = DigitClassifier(channels=(8, 16, 32), feature_dim=32, learning_rate=3e-3)
+    quiet_trainer(tmp_path_factory.mktemp("judge"), max_steps=200, limit_val_batches=0).fit(classifier, data)
+    return DigitFeatures(classifier)
+
+
+@pytest.fixture(scope="module")
+def prototypes(digit_judge) -> torch.Tensor:
+    """Per :data:`DIGITS`, the real digit the judge reads most surely at ``SIZE``: ``(3, 1, 28, 28)`` in [-1, 1]."""
+    from diffusion_lightning import MNISTDataModule
+
+    images, labels = MNISTDataModule(source="embedded").load()["train"]
+    images = images.float() / 255
+    shrunk = torch.nn.functional.interpolate(images, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    probs = torch.cat([digit_judge.encode(batch)["logits"] for batch in shrunk.split(500)]).softmax(-1)
+    chosen = []
+    for digit in DIGITS:
+        candidates = (labels == digit).nonzero().squeeze(1)
+        best = candidates[probs[candidates, digit].argmax()]
+        assert probs[best, digit] > 0.8, f"the judge reads no {digit} with confidence: it is undertrained"
+        chosen.append(int(best))
+    for prototype in (images[chosen], shrunk[chosen]):
+        assert judge_reads(digit_judge, prototype) == list(DIGITS), "the judge misreads the prototypes"
+    return images[chosen] * 2 - 1
+
+
+@pytest.fixture(scope="module")
+def root(tmp_path_factory, prototypes) -> Path:
+    """The app's root, holding a class-conditioned pipeline that has memorised the prototypes at ``SIZE``."""
     root = tmp_path_factory.mktemp("app_root")
     torch.manual_seed(0)
     module = tiny_ddpm(
+        image_size=SIZE,
         num_train_timesteps=100,
+        prediction_type="sample",
+        p_uncond=0.0,
+        guidance_scale=1.0,
         learning_rate=5e-3,
         lr_scheduler=None,
         sampler="dpm",
         num_inference_steps=10,
         class_names=CLASS_NAMES,
     )
-    loader = torch.utils.data.DataLoader(Prototypes(), batch_size=64, shuffle=True)
-    trainer = quiet_trainer(root / "prototypes", max_steps=150)
+    small = torch.nn.functional.interpolate(prototypes, size=(SIZE, SIZE), mode="bilinear", antialias=True)
+    loader = torch.utils.data.DataLoader(Prototypes(small), batch_size=32, shuffle=True)
+    trainer = quiet_trainer(root / "prototypes", max_steps=300)
     trainer.fit(module, loader)
     module.export_pipeline(root / PIPELINE)
     trainer.save_checkpoint(root / CHECKPOINT)
@@ -214,7 +251,7 @@ def body_text(driver) -> str:
 # ---------------------------------------------------------------------- tests
 
 
-def test_generate_draws_the_class_asked_for_with_the_seed_given(app, driver, root, tmp_path):
+def test_generate_draws_the_class_asked_for_with_the_seed_given(app, driver, root, digit_judge, tmp_path):
     from selenium.webdriver.common.by import By
 
     from diffusion_lightning.modules.loading import load_pipeline_source
@@ -225,7 +262,7 @@ def test_generate_draws_the_class_asked_for_with_the_seed_given(app, driver, roo
     driver.get(url)
     open_tab(driver, "Generate")
     choose(driver, "gen-source", PIPELINE)
-    wait(lambda: "vbar" in find(driver, "#gen-class").text, what="the class names")
+    wait(lambda: "four" in find(driver, "#gen-class").text, what="the class names")
     seed = 7
     type_into(driver, "#gen-seed input", str(seed))
     seen: set[str] = set()
@@ -240,7 +277,8 @@ def test_generate_draws_the_class_asked_for_with_the_seed_given(app, driver, roo
         )[0]
         seen.add(src)
         shown = page_image(src)
-        assert judge(shown) == k, f"asked for {name}, the judge reads {CLASS_NAMES[judge(shown)]}"
+        [read] = judge_reads(digit_judge, shown[None])
+        assert read == DIGITS[k], f"asked for {name} (a {DIGITS[k]}), the judge reads a {read}"
         expected = reference(
             class_labels=[k],
             num_inference_steps=defaults["steps"],
@@ -376,14 +414,14 @@ def test_app_without_gradio_says_how_to_install_it(monkeypatch):
     )
 
 
-def test_a_checkpoint_is_a_source_too(root):
+def test_a_checkpoint_is_a_source_too(root, digit_judge):
     from diffusion_lightning.app.generate import PipelineCache, Request, generate, list_sources
 
     assert [source for source in list_sources(root) if source.startswith("prototypes/")] == [CHECKPOINT, PIPELINE]
     cache = PipelineCache(root, device="cpu")
     for k in range(3):
         result = generate(cache, Request(source=CHECKPOINT, class_index=k, seed=1, batch_size=2, scheduler="ddim"))
-        assert [judge(image) for image in result.tensors] == [k, k]
+        assert judge_reads(digit_judge, result.tensors) == [DIGITS[k]] * 2
         assert result.captions == [f"{CLASS_NAMES[k]} (seed 1)", f"{CLASS_NAMES[k]} (seed 2)"]
     with pytest.raises(SystemExit, match=r"class_labels contains \[3\]"):
         generate(cache, Request(source=CHECKPOINT, class_index=3))
