@@ -274,7 +274,8 @@ def test_checkpoint_of_two_processes_resumes_on_one(ddp_run, tmp_path):
     root, _ = ddp_run
     saved_path = tmp_path / "checkpoints" / "last.ckpt"
     saved_path.parent.mkdir()
-    shutil.copy(root / "checkpoints" / "last.ckpt", saved_path)
+    # the mid-epoch checkpoint of every_n_train_steps (last.ckpt holds the end of the run)
+    shutil.copy(root / "checkpoints" / f"best-001-{CHECKPOINT_STEP:06d}.ckpt", saved_path)
     saved = torch.load(saved_path, weights_only=False, map_location="cpu")
     assert saved["global_step"] == CHECKPOINT_STEP and saved["epoch"] == 1
     assert saved["MNISTDataModule"] == {"epoch": 1, "samples_seen": 2 * 2 * BATCH, "batches": 2}
