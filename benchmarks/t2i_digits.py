@@ -1,10 +1,11 @@
 """The latent text-to-image model on captioned digits: how good, how fast, and how it fine-tunes.
 
-    python benchmarks/t2i_digits.py                        # all three parts (~60 min on 2 CPU cores)
-    python benchmarks/t2i_digits.py --part base --minutes 8
+    python benchmarks/t2i_digits.py                        # vae, base, finetune (~75 min on 2 CPU cores)
+    python benchmarks/t2i_digits.py --part base --minutes 15
     python benchmarks/t2i_digits.py --part finetune --modes lora lora+prior
-    python benchmarks/t2i_digits.py --part base --out outputs/bench/t2i_flow -- \
-        --model.init_args.prediction_type flow_prediction --model.init_args.snr_gamma null
+    python benchmarks/t2i_digits.py --part finetune --from-demo --n-per-prompt 50   # after make demo-t2i
+    python benchmarks/t2i_digits.py --part base --out outputs/bench/t2i_v -- \
+        --model.init_args.prediction_type v_prediction --model.init_args.snr_gamma 5
 
 1. ``vae``: trains configs/vae_digits.yaml and exports it; reports its PSNR/SSIM and the digit
    judge's accuracy on real validation digits and on their reconstructions.
@@ -13,13 +14,13 @@
    prompts of configs/prompts/digits.txt (DPM-Solver++ 20 steps, the config's guidance scale):
    accuracy overall and per digit against training time (the shape of quality_mnist.py), then the
    final weights across guidance scales.
-3. ``finetune``: trains the same recipe on the digits 0-7 only, then teaches it 8 and 9 from 50
-   examples each (configs/t2i_digits_lora.yaml) in each ``--modes`` entry: ``lora`` (the config's
-   targets), ``lora_attention`` (the attention projections only), ``full``, ``text_encoder``, each
-   optionally ``+prior`` (DreamBooth prior preservation with class images of 0-7 drawn by the base
-   model). Per mode: accuracy on the new digits' prompts, retention (accuracy on 0-7 relative to
-   the base's), trained parameters, training wall time, step time and peak memory (each fine-tune
-   runs in its own process; peak RSS of that process).
+3. ``finetune``: trains the same recipe on the digits 0-7 only (600 steps, as ``make demo-t2i``), then
+   teaches it 8 and 9 from 50 examples each (configs/t2i_digits_lora.yaml) in each ``--modes`` entry:
+   ``lora`` (the config's targets), ``lora_attention`` (the attention projections only), ``full``,
+   ``text_encoder``, each optionally ``+prior`` (DreamBooth prior preservation with class images of
+   0-7 drawn by the base model). Per mode: accuracy on the new digits' prompts, retention (accuracy
+   on 0-7 relative to the base's), trained parameters, training wall time, step time and peak memory
+   (each fine-tune runs in its own process; peak RSS of that process).
 
 4. ``demo`` (after ``make demo-t2i``): loads outputs/demo_t2i/pipeline in a fresh process that
    imports diffusers alone, draws every digit's prompt, loads outputs/demo_t2i/lora with
@@ -62,8 +63,10 @@ PROMPTS = read_prompts(REPO / "configs/prompts/digits.txt").prompts
 OLD, NEW = PROMPTS[:8], PROMPTS[8:]
 MODES = ("lora", "lora+prior", "lora_attention+prior", "full", "full+prior", "text_encoder", "text_encoder+prior")
 #: Learning rate per training mode (LoRA's is the config's).
-LEARNING_RATES = {"lora": 3e-3, "lora_attention": 3e-3, "full": 3e-4, "text_encoder": 1e-3}
+LEARNING_RATES = {"lora": 1e-2, "lora_attention": 1e-2, "full": 3e-4, "text_encoder": 1e-3}
 GUIDANCE = (1.0, 3.0, 5.0, 7.0, 9.0)
+#: Training steps of the base model on 0-7 that the fine-tunes start from: make demo-t2i's.
+BASE07_STEPS = 600
 
 
 class StepTimer(Callback):
@@ -157,7 +160,7 @@ def fit_base(args: argparse.Namespace, out: Path, run: Path, digits: list[int] |
             "--model.init_args.components.pretrained_vae", str(out / "vae"),
             "--model.init_args.latent_cache_dir", str(out / "latents")]  # fmt: skip
     if digits is not None:
-        argv += ["--data.init_args.digits", json.dumps(digits)]
+        argv += ["--data.init_args.digits", json.dumps(digits), "--trainer.max_steps", str(BASE07_STEPS)]
     argv += args.overrides
     callbacks = [WallClockSnapshots(run / "snapshots", args.snapshot_minutes * 60)] if snapshots else []
     start = time.perf_counter()
@@ -240,8 +243,24 @@ def child(timing: str, argv: list[str]) -> None:
     DiffusionCLI(args=argv, trainer_defaults={"callbacks": [StepTimer(timing)]})
 
 
+def from_demo(out: Path) -> None:
+    """Start OUT from make demo-t2i's VAE, latent cache, base model on 0-7 and class images (copies)."""
+    demo = REPO / "outputs/demo_t2i"
+    copies = {"vae": "vae", "latents": "latents", "base_run": "base07/run", "prior": "prior"}
+    missing = [str(demo / name) for name in copies if not (demo / name).exists()]
+    if missing:
+        raise SystemExit(f"error: --from-demo needs the outputs of make demo-t2i; missing: {', '.join(missing)}")
+    for name, target in copies.items():
+        shutil.rmtree(out / target, ignore_errors=True)
+        shutil.copytree(demo / name, out / target)
+
+
 def part_finetune(args: argparse.Namespace, out: Path, judge: Any) -> dict[str, Any]:
     base = out / "base07"
+    if args.from_demo:
+        from_demo(out)
+    elif not (out / "vae").is_dir():
+        part_vae(args, out, judge)
     if not (base / "run" / "checkpoints" / "last.ckpt").is_file() or args.retrain:
         seconds = fit_base(args, out, base / "run", list(range(8)), snapshots=False)
         print(f"base model on 0-7 trained in {seconds:.0f} s", flush=True)
@@ -357,7 +376,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--part", nargs="+", choices=("vae", "base", "finetune", "demo"),
                         default=["vae", "base", "finetune"])  # fmt: skip
-    parser.add_argument("--minutes", type=float, default=9.0, help="training wall-time budget of a base model")
+    parser.add_argument("--minutes", type=float, default=15.0, help="training wall-time budget of a base model")
     parser.add_argument("--snapshot-minutes", type=float, default=1.0)
     parser.add_argument("--n-per-prompt", type=int, default=20, help="samples per prompt per snapshot / mode")
     parser.add_argument("--final-per-prompt", type=int, default=50, help="samples per prompt for the final score")
@@ -371,6 +390,8 @@ def main() -> None:
     parser.add_argument("--judge", default=str(JUDGE_DIR / "checkpoints" / "last.ckpt"))
     parser.add_argument("--out", default=str(REPO / "outputs/bench/t2i_digits"))
     parser.add_argument("--retrain", action="store_true", help="train again what OUT already holds")
+    parser.add_argument("--from-demo", action="store_true",
+                        help="finetune: start from make demo-t2i's VAE, base on 0-7 and class images")  # fmt: skip
     parser.add_argument("--seed", type=int, default=0)
     argv = sys.argv[1:]
     split = argv.index("--") if "--" in argv else len(argv)
