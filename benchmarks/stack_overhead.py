@@ -1,6 +1,7 @@
 """Per-step cost of the default callback stack against no callbacks, and of each callback in it.
 
     python benchmarks/stack_overhead.py [--steps 50] [--warmup 5] [--rounds 3] [--alone]
+    python benchmarks/stack_overhead.py --paired [--paired-steps 400] [--block 5]
 
 The demo model and data (configs/ddpm_mnist.yaml's network, batch 64), TensorBoard logging to a
 temporary folder in every run. The stack is configs/callbacks/default.yaml's: EMA (raw validation),
@@ -27,6 +28,16 @@ samplers due, and the seconds inside each sampler's pass are reported apart; the
 ``every_n_epochs`` epochs, not every step. The last lines are ``callback_hooks_fraction=F`` (the
 callbacks' own time per step over a step without them) and ``stack_overhead_fraction=F`` (the
 whole-stack ratio of medians).
+
+``--paired``: one fit with the whole stack in which every callback's per-step hooks (batch start and
+end, backward, optimizer step, zero-grad, the watcher's forward hooks) are switched on and off in
+alternating blocks of ``--block`` steps. Separate runs share a machine whose speed can drift by
+20 % between them; neighbouring blocks a few seconds apart do not, so each on-block is compared
+with the off-blocks beside it. The phase flips every ten blocks so the steps at which the watcher
+and the loggers do their periodic work (every 50 steps) fall as often in on-blocks as in off-blocks
+(``--paired-steps`` a multiple of 100). Reported: mean step time on and off (every step counts,
+the periodic ones included), the median of the per-block paired ratios with their 10th-90th
+percentile, and ``paired_stack_overhead_fraction=F`` (ratio of means).
 """
 
 from __future__ import annotations
@@ -82,11 +93,18 @@ SAMPLERS = ("GenerationMonitor", "SampleGridLogger")
 HOOKS = [name for name in dir(Callback) if name.startswith("on_")]
 
 
+#: Callback methods that run at every training step; ``HookTimer.gate`` switches them off.
+STEP_HOOKS = ("on_train_batch_start", "on_train_batch_end", "on_before_backward", "on_after_backward",
+              "on_before_optimizer_step", "on_before_zero_grad", "_record_activation")  # fmt: skip
+
+
 class HookTimer:
-    """Seconds inside each callback's hooks while ``on`` (the timed steps), by callback."""
+    """Seconds inside each callback's hooks while ``on`` (the timed steps), by callback. While ``gate``
+    is False the per-step hooks (``STEP_HOOKS``) are skipped: the step runs as if without callbacks."""
 
     def __init__(self) -> None:
         self.on = False
+        self.gate = True
         self.seconds: dict[str, float] = {}
 
     def wrap(self, callback: Callback) -> None:
@@ -96,10 +114,12 @@ class HookTimer:
         if hasattr(callback, "_record_activation"):  # the watcher's forward hooks
             methods.append("_record_activation")
         for method in methods:
-            setattr(callback, method, self._timed(name, getattr(callback, method)))
+            setattr(callback, method, self._timed(name, getattr(callback, method), method in STEP_HOOKS))
 
-    def _timed(self, name: str, inner: Callable[..., Any]) -> Callable[..., Any]:
+    def _timed(self, name: str, inner: Callable[..., Any], per_step: bool) -> Callable[..., Any]:
         def timed(*args: Any, **kwargs: Any) -> Any:
+            if per_step and not self.gate:
+                return None
             if not self.on:
                 return inner(*args, **kwargs)
             start = time.perf_counter()
@@ -122,6 +142,77 @@ class HookSwitch(StepClock):
     def on_train_batch_end(self, *args: Any) -> None:
         super().on_train_batch_end(*args)
         self.hooks.on = self.warmup <= len(self.times) < self.warmup + self.steps
+
+
+class BlockGate(Callback):
+    """Placed first: before each step's hooks, opens ``hooks.gate`` in the on-blocks of the paired
+    design (blocks of ``block`` steps after ``warmup``, alternating, the phase flipped every ten
+    blocks); during the warm-up the gate stays open."""
+
+    def __init__(self, hooks: HookTimer, warmup: int, block: int) -> None:
+        self.hooks, self.warmup, self.block = hooks, warmup, block
+        self.on_steps: list[bool] = []
+
+    @staticmethod
+    def is_on(index: int, block: int) -> bool:
+        b = index // block
+        return (b + b // 10) % 2 == 0
+
+    def on_train_batch_start(self, trainer: Any, *args: Any) -> None:
+        index = trainer.global_step - self.warmup
+        self.hooks.gate = index < 0 or self.is_on(index, self.block)
+        if index >= 0:
+            self.on_steps.append(self.hooks.gate)
+
+
+def paired(data: MNISTDataModule, args: argparse.Namespace) -> None:
+    """One fit with the stack's per-step hooks switched on and off in alternating blocks."""
+    seed_all(0, verbose=False)
+    model = demo_model()
+    callbacks = [STACK[name]() for name in STACK]
+    hooks = HookTimer()
+    for callback in callbacks:
+        hooks.wrap(callback)
+    gate, clock = BlockGate(hooks, args.warmup, args.block), StepClock()
+    steps = args.warmup + args.paired_steps
+    with tempfile.TemporaryDirectory() as root:
+        trainer = Trainer(
+            accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps, limit_val_batches=1,
+            check_val_every_n_epoch=None, default_root_dir=root, logger=TensorBoardLogger(root),
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[gate, *callbacks, clock],
+        )  # fmt: skip
+        trainer.fit(model, data)
+    durations = [b - a for a, b in zip(clock.times[args.warmup - 1 :], clock.times[args.warmup :])]
+    on = [d for d, flag in zip(durations, gate.on_steps) if flag]
+    off = [d for d, flag in zip(durations, gate.on_steps) if not flag]
+    blocks = [durations[i : i + args.block] for i in range(0, len(durations), args.block)]
+    flags = [gate.on_steps[i] for i in range(0, len(durations), args.block)]
+    ratios = []
+    for i, (block, flag) in enumerate(zip(blocks, flags)):
+        neighbours = [blocks[j] for j in (i - 1, i + 1) if 0 <= j < len(blocks) and not flags[j]]
+        if flag and neighbours:
+            reference = statistics.fmean(d for n in neighbours for d in n)
+            ratios.append(statistics.fmean(block) / reference - 1)
+    deciles = statistics.quantiles(ratios, n=10)
+    overhead = statistics.fmean(on) / statistics.fmean(off) - 1
+    print(f"\npaired blocks ({args.paired_steps} steps in blocks of {args.block}, {len(ratios)} on-blocks)")
+    print("| hooks | steps | ms/step (mean) | ms/step (median) |")
+    print("|---|---|---|---|")
+    for name, values in (("off", off), ("on", on)):
+        print(f"| {name} | {len(values)} | {1000 * statistics.fmean(values):.1f} | "
+              f"{1000 * statistics.median(values):.1f} |")  # fmt: skip
+    print(f"overhead: ratio of means {100 * overhead:+.2f}%; per on-block against its neighbours: median "
+          f"{100 * statistics.median(ratios):+.2f}%, 10th..90th percentile {100 * deciles[0]:+.2f}% .. "
+          f"{100 * deciles[-1]:+.2f}%")  # fmt: skip
+    print(f"paired_stack_overhead_fraction={overhead:.4f}")
+
+
+def demo_model() -> ClassConditionedDDPM:
+    return ClassConditionedDDPM(
+        net=DEMO_NET, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0,
+        learning_rate=3e-3, lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=100),
+    )  # fmt: skip
 
 
 def time_samplers(callbacks: list[Callback]) -> dict[str, list[float]]:
@@ -147,10 +238,7 @@ def run(
     """Seconds per timed step with the named callbacks, the seconds of their generation passes, and
     each callback's seconds per timed step inside its hooks."""
     seed_all(0, verbose=False)
-    model = ClassConditionedDDPM(
-        net=DEMO_NET, prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0,
-        learning_rate=3e-3, lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=100),
-    )  # fmt: skip
+    model = demo_model()
     callbacks = [STACK[name]() for name in names]
     passes = time_samplers(callbacks)
     hooks = HookTimer()
@@ -176,11 +264,22 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=5, help="untimed steps at the start of each run")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds of every configuration")
     parser.add_argument("--alone", action="store_true", help="also run each callback alone against none")
+    parser.add_argument("--paired", action="store_true", help="one fit, the stack switched on and off in blocks")
+    parser.add_argument("--paired-steps", type=int, default=400, help="timed steps of the paired fit")
+    parser.add_argument("--block", type=int, default=5, help="steps per block of the paired fit")
     args = parser.parse_args()
     if args.warmup < 1 or args.steps < 2:
         parser.error(f"--warmup {args.warmup} and --steps {args.steps}: need --warmup >= 1 and --steps >= 2")
+    if args.block < 1 or args.paired_steps < 4 * args.block:
+        parser.error(f"--block {args.block} and --paired-steps {args.paired_steps}: need --block >= 1 and "
+                     "--paired-steps >= 4 x --block")  # fmt: skip
     torch.set_num_threads(os.cpu_count() or 1)
     data = MNISTDataModule(batch_size=64, eval_batch_size=250)
+    if args.paired:
+        print("warm-up fit (dataset parse, lazy imports) ...", flush=True)
+        run(data, list(STACK), argparse.Namespace(warmup=2, steps=3))
+        paired(data, args)
+        return
     configs: dict[str, list[str]] = {"none": [], "stack": list(STACK)}
     if args.alone:
         configs.update({name: [name] for name in STACK})
