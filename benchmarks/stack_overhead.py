@@ -175,14 +175,7 @@ def paired(data: MNISTDataModule, args: argparse.Namespace) -> None:
         hooks.wrap(callback)
     gate, clock = BlockGate(hooks, args.warmup, args.block), StepClock()
     steps = args.warmup + args.paired_steps
-    with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(
-            accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps, limit_val_batches=1,
-            check_val_every_n_epoch=None, default_root_dir=root, logger=TensorBoardLogger(root),
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[gate, *callbacks, clock],
-        )  # fmt: skip
-        trainer.fit(model, data)
+    fit(model, data, steps, [gate, *callbacks, clock])
     durations = [b - a for a, b in zip(clock.times[args.warmup - 1 :], clock.times[args.warmup :])]
     on = [d for d, flag in zip(durations, gate.on_steps) if flag]
     off = [d for d, flag in zip(durations, gate.on_steps) if not flag]
@@ -206,6 +199,18 @@ def paired(data: MNISTDataModule, args: argparse.Namespace) -> None:
           f"{100 * statistics.median(ratios):+.2f}%, 10th..90th percentile {100 * deciles[0]:+.2f}% .. "
           f"{100 * deciles[-1]:+.2f}%")  # fmt: skip
     print(f"paired_stack_overhead_fraction={overhead:.4f}")
+
+
+def fit(model: ClassConditionedDDPM, data: MNISTDataModule, steps: int, callbacks: list[Callback]) -> None:
+    """``steps`` training steps, then one validation batch (the generation passes), logged to TensorBoard."""
+    with tempfile.TemporaryDirectory() as root:
+        trainer = Trainer(
+            accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps, limit_val_batches=1,
+            check_val_every_n_epoch=None, default_root_dir=root, logger=TensorBoardLogger(root),
+            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+            num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=callbacks,
+        )  # fmt: skip
+        trainer.fit(model, data)
 
 
 def demo_model() -> ClassConditionedDDPM:
@@ -246,14 +251,7 @@ def run(
         hooks.wrap(callback)
     clock = HookSwitch(hooks, args.warmup, args.steps)
     steps = args.warmup + args.steps
-    with tempfile.TemporaryDirectory() as root:
-        trainer = Trainer(
-            accelerator="auto", devices=1, max_steps=steps, val_check_interval=steps, limit_val_batches=1,
-            check_val_every_n_epoch=None, default_root_dir=root, logger=TensorBoardLogger(root),
-            enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-            num_sanity_val_steps=0, gradient_clip_val=1.0, callbacks=[*callbacks, clock],
-        )  # fmt: skip
-        trainer.fit(model, data)
+    fit(model, data, steps, [*callbacks, clock])
     timed = clock.times[args.warmup - 1 :]
     return (timed[-1] - timed[0]) / (len(timed) - 1), passes, {k: v / args.steps for k, v in hooks.seconds.items()}
 
