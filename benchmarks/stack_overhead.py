@@ -33,11 +33,12 @@ whole-stack ratio of medians).
 end, backward, optimizer step, zero-grad, the watcher's forward hooks) are switched on and off in
 alternating blocks of ``--block`` steps. Separate runs share a machine whose speed can drift by
 20 % between them; neighbouring blocks a few seconds apart do not, so each on-block is compared
-with the off-blocks beside it. The phase flips every ten blocks so the steps at which the watcher
-and the loggers do their periodic work (every 50 steps) fall as often in on-blocks as in off-blocks
-(``--paired-steps`` a multiple of 100). Reported: mean step time on and off (every step counts,
-the periodic ones included), the median of the per-block paired ratios with their 10th-90th
-percentile, and ``paired_stack_overhead_fraction=F`` (ratio of means).
+with the off-blocks beside it. The phase flips every ten blocks so that, with the default
+``--block 5`` and ``--paired-steps`` a multiple of 100, the steps at which the watcher and the
+loggers do their periodic work (every 50 steps) fall as often in on-blocks as in off-blocks.
+Reported: mean step time on and off (every step counts, the periodic ones included), the median
+of the per-block paired ratios with their 10th-90th percentile, and
+``paired_stack_overhead_fraction=F`` (ratio of means).
 """
 
 from __future__ import annotations
