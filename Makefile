@@ -1,10 +1,12 @@
 # Two entry points: `make demo` and `make test`. Both create .venv on first use; the install
-# re-runs only when pyproject.toml changes.
+# re-runs only when pyproject.toml changes. The demos need the package alone; test, lint and bench
+# add the dev extras (loggers, Optuna, the web app, pytest, ruff, mypy).
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+DEV_STAMP := $(VENV)/.installed-dev
 DEMO_DIR := outputs/demo
 T2I_DIR := outputs/demo_t2i
 JUDGE := outputs/classifier_mnist/checkpoints/last.ckpt
@@ -22,10 +24,14 @@ help:
 
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
 	@touch $(STAMP)
 
-install: $(STAMP)
+$(DEV_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	@touch $(DEV_STAMP)
+
+install: $(DEV_STAMP)
 
 # The digit judge that scores the demo's samples (about a minute); trained once.
 $(JUDGE): | $(STAMP)
@@ -68,15 +74,15 @@ demo-t2i: $(STAMP) $(JUDGE)
 # Two workers (one thread each), one test file per worker at a time: module fixtures are built once.
 # TEST_WORKERS=0 runs the suite in one process.
 TEST_WORKERS ?= 2
-test: $(STAMP)
+test: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest $(if $(filter 0,$(TEST_WORKERS)),,-n $(TEST_WORKERS) --dist loadfile)
 
-lint: $(STAMP)
+lint: $(DEV_STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/mypy diffusion_lightning
 
-bench: $(STAMP)
+bench: $(DEV_STAMP)
 	$(BIN)/python benchmarks/train_overhead.py
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/watcher_overhead.py

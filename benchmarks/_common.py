@@ -50,10 +50,80 @@ def ratio_of_medians(results: dict[str, list[float]], numerator: str, denominato
     return statistics.median(results[numerator]) / statistics.median(results[denominator])
 
 
-def ratio_spread(results: dict[str, list[float]], numerator: str, denominator: str) -> str:
-    """The per-round ratios (each round's pair of runs), as ``min .. max over N rounds``."""
-    ratios = [a / b for a, b in zip(results[numerator], results[denominator])]
-    return f"{min(ratios):.3f} .. {max(ratios):.3f} over {len(ratios)} rounds"
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+class PairedBlocks(Callback):
+    """Lightning against a plain loop in one process: after every ``block`` steps of the fit,
+    ``block`` steps of ``raw_step``, each step of both timed.
+
+    Separate runs share a machine whose speed drifts by up to 20 % between them (more than the 1 %
+    in question); neighbouring blocks a few seconds apart do not, and :func:`paired_ratio` compares
+    each Lightning block with the raw blocks on either side of it, so slow drift cancels. The first
+    ``warmup`` steps of the fit, and as many raw steps run after them, are not timed.
+    """
+
+    def __init__(self, raw_step: Callable[[], object], block: int, warmup: int) -> None:
+        self.raw_step, self.block, self.warmup = raw_step, block, warmup
+        self.lightning: list[list[float]] = []
+        self.raw: list[list[float]] = []
+        self._current: list[float] = []
+        self._last = 0.0
+
+    def _raw_block(self, steps: int) -> list[float]:
+        durations, last = [], time.perf_counter()
+        for _ in range(steps):
+            self.raw_step()
+            _sync()
+            now = time.perf_counter()
+            durations.append(now - last)
+            last = now
+        return durations
+
+    def on_train_batch_end(self, trainer: object, *args: object) -> None:
+        _sync()
+        now = time.perf_counter()
+        step = trainer.global_step  # type: ignore[attr-defined]
+        if step < self.warmup:
+            pass
+        elif step == self.warmup:
+            self._raw_block(self.warmup)
+        else:
+            self._current.append(now - self._last)
+            if len(self._current) == self.block:
+                self.lightning.append(self._current)
+                self._current = []
+                self.raw.append(self._raw_block(self.block))
+        self._last = time.perf_counter()
+
+
+def paired_ratio(paired: PairedBlocks, name: str) -> float:
+    """Print the paired blocks' table and ``{name}=R`` (Lightning steps/s over raw steps/s, ratio of means
+    over every timed step); return R. Each Lightning block is also compared with the mean of the raw
+    blocks before and after it: the median of those per-block ratios and their 10th-90th percentile
+    state the spread."""
+    lightning = [d for block in paired.lightning for d in block]
+    raw = [d for block in paired.raw for d in block]
+    ratios = []
+    for i, block in enumerate(paired.lightning):
+        neighbours = [d for j in (i - 1, i) if j >= 0 for d in paired.raw[j]]
+        ratios.append(statistics.fmean(neighbours) / statistics.fmean(block))
+    ratio = statistics.fmean(raw) / statistics.fmean(lightning)
+    deciles = statistics.quantiles(ratios, n=10)
+    error = statistics.stdev(ratios) / len(ratios) ** 0.5
+    print(f"\npaired blocks: {len(paired.lightning)} of {paired.block} steps each side")
+    print("| loop | steps | ms/step (mean) | ms/step (median) |")
+    print("|---|---|---|---|")
+    for label, values in (("lightning", lightning), ("raw", raw)):
+        print(f"| {label} | {len(values)} | {1000 * statistics.fmean(values):.1f} | "
+              f"{1000 * statistics.median(values):.1f} |")  # fmt: skip
+    print(f"throughput ratio (lightning / raw): ratio of means {ratio:.3f}; per block against its raw neighbours: "
+          f"median {statistics.median(ratios):.3f}, 10th..90th percentile {deciles[0]:.3f} .. {deciles[-1]:.3f}, "
+          f"standard error of their mean {error:.3f}")  # fmt: skip
+    print(f"{name}={ratio:.3f}")
+    return ratio
 
 
 class Stopwatch:

@@ -1,6 +1,6 @@
-"""Distil the demo teacher: smaller students for equal wall time, and progressive step distillation.
+"""Distil the demo recipe's DDPM-schedule teacher: smaller students for equal wall time, and progressive step distillation.
 
-    python benchmarks/distill_mnist.py [--teacher outputs/demo/checkpoints/last.ckpt] [--minutes 4]
+    python benchmarks/distill_mnist.py [--teacher outputs/demo_v/checkpoints/last.ckpt] [--minutes 4]
 
 1. Knowledge distillation: for each ``--factors`` size factor, a student
    (``KnowledgeDistillationModule``, alpha 0.5, EMA) trains for ``--minutes`` of wall time on the
@@ -11,8 +11,9 @@
    round's exported student is scored with DDIM (trailing spacing) at its step count, beside the
    teacher at every one of those step counts.
 
-Writes OUT/results.json (default outputs/bench/distill_mnist). Needs the demo teacher (make demo)
-and trains the digit judge if it is missing.
+Writes OUT/results.json (default outputs/bench/distill_mnist). Needs the teacher (`diffusion-lightning
+fit --config configs/ddpm_mnist.yaml --config configs/ddpm_mnist_v.yaml`) and trains the digit judge
+if it is missing.
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def score(evaluator: Evaluator, pipeline: Any, steps: int, scheduler: str) -> di
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--teacher", default=str(REPO / "outputs/demo/checkpoints/last.ckpt"))
+    parser.add_argument("--teacher", default=str(REPO / "outputs/demo_v/checkpoints/last.ckpt"))
     parser.add_argument("--factors", type=float, nargs="+", default=[0.1, 0.25, 0.5])
     parser.add_argument("--minutes", type=float, default=4.0, help="wall time per student")
     parser.add_argument("--steps-per-round", type=int, default=100)

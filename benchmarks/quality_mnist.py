@@ -1,9 +1,9 @@
 """How good do the digits get, how fast, and at what sampling cost? Quality tables for the MNIST DDPM.
 
-    python benchmarks/quality_mnist.py                       # the demo recipe, 30-minute budget
+    python benchmarks/quality_mnist.py                       # the demo recipe (flow matching), 30-minute budget
     python benchmarks/quality_mnist.py --minutes 15 --max-steps 1200
-    python benchmarks/quality_mnist.py --out outputs/bench/quality_mnist_flow -- \
-        --model.init_args.prediction_type flow_prediction --model.init_args.snr_gamma null   # flow matching
+    python benchmarks/quality_mnist.py --out outputs/bench/quality_mnist_v -- \
+        --config configs/ddpm_mnist_v.yaml                   # the same recipe on a DDPM schedule (v-prediction)
 
 1. Trains ``--config`` (default configs/ddpm_mnist.yaml) for at most ``--minutes`` of wall time,
    saving the weights every ``--snapshot-minutes``; the recipe's own ``max_steps`` (or
@@ -90,9 +90,10 @@ class WallClockSnapshots(Callback):
 
 def train(args: argparse.Namespace, run: Path) -> None:
     budget = int(args.minutes * 60)
-    argv = ["fit", "--config", args.config, "--trainer.default_root_dir", str(run)]
+    # the arguments after `--` first, so that a second --config among them cannot move the run or its budget
+    argv = ["fit", "--config", args.config, *args.fit_args, "--trainer.default_root_dir", str(run)]
     argv += ["--trainer.max_time", f"00:{budget // 3600:02d}:{budget % 3600 // 60:02d}:{budget % 60:02d}"]
-    argv += ["--trainer.enable_progress_bar", "false", *args.fit_args]
+    argv += ["--trainer.enable_progress_bar", "false"]
     if args.max_steps:
         argv += ["--trainer.max_steps", str(args.max_steps)]
     snapshots = WallClockSnapshots(run / "snapshots", args.snapshot_minutes * 60)

@@ -1,13 +1,15 @@
 """Training-step throughput and memory of ``LatentDiffusionModule`` against a hand-written loop.
 
-    python benchmarks/sd_step.py [--steps 20] [--rounds 5] [--size small|tiny]
+    python benchmarks/sd_step.py [--steps 200] [--block 5] [--size small|tiny]
 
 The raw loop is the step of diffusers' ``examples/text_to_image/train_text_to_image.py``: VAE
 posterior sample x scaling factor, epsilon noise at uniform timesteps, frozen CLIP text encoder,
 UNet, MSE, AdamW, gradient clipping, per-step LR schedule. The module trains the same components
 (built from the same seeded config, so both start from identical weights) through ``Trainer.fit``.
-Runs are interleaved; each reports steady-state steps per second after ``--warmup`` steps; the
-line ``sd_lightning_vs_raw_throughput=R`` is the ratio of medians.
+Both run in one process, in alternating blocks of ``--block`` steps: after every block of the fit, a
+block of the raw loop (``_common.PairedBlocks``), ``--steps`` timed steps on each side after
+``--warmup``. The last line, ``sd_lightning_vs_raw_throughput=R``, is steps/s as a ratio of means,
+after the spread of the per-block ratios.
 
 Memory: each of raw, Lightning full fine-tuning and Lightning LoRA runs in its own process (peak
 memory is per process): CUDA ``max_memory_allocated`` on a GPU, else the peak resident set size.
@@ -21,7 +23,6 @@ import os
 import resource
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import torch
@@ -32,7 +33,7 @@ from lightning.pytorch import seed_everything as seed_all
 from diffusion_lightning import LatentDiffusionModule, WarmupCosineLR
 from diffusion_lightning.nets.latent import LatentComponents, build_components
 
-from _common import StepClock, interleave, ratio_of_medians, ratio_spread, steady_rate
+from _common import PairedBlocks, paired_ratio
 
 #: A small SD-shaped model that takes about a second per step on 2 CPU cores (64x64 images, 32x32 latents).
 SMALL = {
@@ -81,7 +82,7 @@ def loader(args: argparse.Namespace) -> torch.utils.data.DataLoader:
     return torch.utils.data.DataLoader(Batches(size, args.steps * args.batch_size), args.batch_size, collate_fn=collate)
 
 
-def lightning_run(args: argparse.Namespace, mode: str = "full") -> float:
+def lightning_run(args: argparse.Namespace, mode: str = "full", callbacks: list | None = None) -> None:
     seed_all(0, verbose=False)
     module = LatentDiffusionModule(
         components=LatentComponents(**SIZES[args.size][0]),
@@ -90,50 +91,58 @@ def lightning_run(args: argparse.Namespace, mode: str = "full") -> float:
         learning_rate=1e-4,
         lr_scheduler=lambda o: WarmupCosineLR(o, warmup_steps=5),
     )
-    clock = StepClock()
     trainer = Trainer(
         accelerator="auto", devices=1, max_steps=args.steps, limit_val_batches=0, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        gradient_clip_val=1.0, callbacks=[clock],
+        gradient_clip_val=1.0, callbacks=callbacks or [],
     )  # fmt: skip
     trainer.fit(module, loader(args))
-    return steady_rate(clock.times, args.warmup)
 
 
-def raw_run(args: argparse.Namespace) -> float:
-    """The step of diffusers' train_text_to_image.py, written out."""
-    seed_all(0, verbose=False)
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    parts = build_components(LatentComponents(**SIZES[args.size][0]))
-    vae, text_encoder, unet, tokenizer = parts["vae"], parts["text_encoder"], parts["unet"], parts["tokenizer"]
-    noise_scheduler = LatentDiffusionModule(components=LatentComponents(**SIZES[args.size][0])).noise_scheduler
-    vae.requires_grad_(False).to(device).eval()
-    text_encoder.requires_grad_(False).to(device).eval()
-    unet.to(device).train()
-    decay = [p for p in unet.parameters() if p.ndim > 1]
-    no_decay = [p for p in unet.parameters() if p.ndim <= 1]
-    optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
-    lr_schedule = WarmupCosineLR(optimizer, warmup_steps=5, total_steps=args.steps)
-    alphas = noise_scheduler.alphas_cumprod.to(device)
-    noise_scheduler.alphas_cumprod = alphas
-    times = []
-    for batch in loader(args):
-        ids = tokenizer(batch["captions"], padding="max_length", truncation=True, return_tensors="pt").input_ids
+class RawLoop:
+    """The step of diffusers' train_text_to_image.py, written out; one optimizer step per call."""
+
+    def __init__(self, args: argparse.Namespace) -> None:
+        seed_all(0, verbose=False)
+        self.device = device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        parts = build_components(LatentComponents(**SIZES[args.size][0]))
+        self.vae, self.text_encoder, self.unet = parts["vae"], parts["text_encoder"], parts["unet"]
+        self.tokenizer = parts["tokenizer"]
+        self.noise_scheduler = LatentDiffusionModule(components=LatentComponents(**SIZES[args.size][0])).noise_scheduler
+        self.vae.requires_grad_(False).to(device).eval()
+        self.text_encoder.requires_grad_(False).to(device).eval()
+        self.unet.to(device).train()
+        decay = [p for p in self.unet.parameters() if p.ndim > 1]
+        no_decay = [p for p in self.unet.parameters() if p.ndim <= 1]
+        self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
+        self.lr_schedule = WarmupCosineLR(self.optimizer, warmup_steps=5, total_steps=args.steps)
+        self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
+        self.data = loader(args)
+        self.batches = iter(())
+
+    def next_batch(self) -> dict:
+        try:
+            return next(self.batches)
+        except StopIteration:
+            self.batches = iter(self.data)
+            return next(self.batches)
+
+    def __call__(self) -> None:
+        batch, device = self.next_batch(), self.device
+        ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
-            latents = vae.encode(batch["images"].to(device)).latent_dist.sample() * vae.config.scaling_factor
-            hidden = text_encoder(ids.to(device), return_dict=False)[0]
+            latents = self.vae.encode(batch["images"].to(device)).latent_dist.sample() * self.vae.config.scaling_factor
+            hidden = self.text_encoder(ids.to(device), return_dict=False)[0]
         noise = torch.randn_like(latents)
-        t = torch.randint(0, noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
-        noisy = noise_scheduler.add_noise(latents, noise, t)
-        prediction = unet(noisy, t, hidden, return_dict=False)[0]
+        t = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (latents.shape[0],), device=device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        prediction = self.unet(noisy, t, hidden, return_dict=False)[0]
         loss = F.mse_loss(prediction.float(), noise.float())
-        optimizer.zero_grad(set_to_none=True)
+        self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(unet.parameters(), 1.0)
-        optimizer.step()
-        lr_schedule.step()
-        times.append(time.perf_counter())
-    return steady_rate(times, args.warmup)
+        torch.nn.utils.clip_grad_norm_(self.unet.parameters(), 1.0)
+        self.optimizer.step()
+        self.lr_schedule.step()
 
 
 def _proc_status_mb(field: str) -> float:
@@ -156,7 +165,9 @@ def measure_memory(args: argparse.Namespace) -> None:
     steps = argparse.Namespace(**{**vars(args), "steps": max(args.warmup + 2, 4)})
     before = 0.0 if torch.cuda.is_available() else _proc_status_mb("VmRSS")
     if args.memory_of == "raw":
-        raw_run(steps)
+        raw = RawLoop(steps)
+        for _ in range(steps.steps):
+            raw()
     else:
         lightning_run(steps, args.memory_of)
     peak = peak_memory_mb()
@@ -178,9 +189,9 @@ def memory_table(args: argparse.Namespace) -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=20, help="optimizer steps per run")
-    parser.add_argument("--warmup", type=int, default=4, help="steps excluded from the timing")
-    parser.add_argument("--rounds", type=int, default=5, help="interleaved rounds of each run")
+    parser.add_argument("--steps", type=int, default=200, help="timed optimizer steps on each side")
+    parser.add_argument("--block", type=int, default=5, help="steps per block")
+    parser.add_argument("--warmup", type=int, default=4, help="untimed steps on each side first")
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--size", choices=sorted(SIZES), default="small")
     parser.add_argument("--memory-of", choices=("raw", "full", "lora"), help=argparse.SUPPRESS)
@@ -189,13 +200,14 @@ def main() -> None:
     if args.memory_of:
         measure_memory(args)
         return
-    results = interleave({"lightning": lambda: lightning_run(args), "raw": lambda: raw_run(args)}, args.rounds)
-    for name, rates in results.items():
-        print(f"{name}: steps/s per round {[round(r, 3) for r in rates]}")
+    steps = args.steps
+    args.steps = args.warmup + args.steps
+    paired = PairedBlocks(RawLoop(args), args.block, args.warmup)
+    lightning_run(args, callbacks=[paired])
+    print(f"timed steps on each side: {steps}")
     memory = memory_table(args)
     print(f"lora_vs_full_peak_memory={memory['lora'] / memory['full']:.3f}")
-    print(f"per-round ratio (lightning / raw): {ratio_spread(results, 'lightning', 'raw')}")
-    print(f"sd_lightning_vs_raw_throughput={ratio_of_medians(results, 'lightning', 'raw'):.3f}")
+    paired_ratio(paired, "sd_lightning_vs_raw_throughput")
 
 
 if __name__ == "__main__":

@@ -19,6 +19,7 @@ CONFIGS = sorted(p for p in (REPO / "configs").rglob("*.yaml") if p.relative_to(
 #: Second configs that add to a model config (``--config model.yaml --config overlay.yaml``), with the base to test on.
 OVERLAY_BASES = {
     "callbacks/default.yaml": "ddpm_mnist.yaml",
+    "ddpm_mnist_v.yaml": "ddpm_mnist.yaml",
     "callbacks/t2i.yaml": "smoke/sd_tiny.yaml",
     "smoke/callbacks.yaml": "smoke/ddpm_mnist.yaml",
     "smoke/callbacks_t2i.yaml": "smoke/sd_tiny.yaml",
