@@ -22,13 +22,15 @@ help:
 	@echo "make bench      the performance benchmarks in benchmarks/"
 	@echo "make clean      remove outputs/ and caches (keeps .venv)"
 
+# --no-compile: Python byte-compiles what it imports; compiling every file of torch & co. up front
+# takes about a minute.
 $(STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e .
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e .
 	@touch $(STAMP)
 
 $(DEV_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(BIN)/python -m pip install --quiet --disable-pip-version-check --no-compile -e ".[dev]"
 	@touch $(DEV_STAMP)
 
 install: $(DEV_STAMP)
