@@ -1,4 +1,4 @@
-"""Distil the demo recipe's DDPM-schedule teacher: smaller students for equal wall time, and progressive step distillation.
+"""Distil the DDPM-schedule teacher: smaller students for equal wall time, and progressive step distillation.
 
     python benchmarks/distill_mnist.py [--teacher outputs/demo_v/checkpoints/last.ckpt] [--minutes 4]
 
