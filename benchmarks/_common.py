@@ -5,8 +5,9 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Callback
@@ -55,6 +56,21 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
+def endless(loader: Iterable[Any]) -> Iterator[Any]:
+    """The batches of ``loader``, epoch after epoch (a new pass, reshuffled where the loader shuffles)."""
+    while True:
+        yield from loader
+
+
+def print_step_table(first_column: str, rows: dict[str, list[float]]) -> None:
+    """A markdown table of step durations (seconds): count, mean and median in ms per row."""
+    print(f"| {first_column} | steps | ms/step (mean) | ms/step (median) |")
+    print("|---|---|---|---|")
+    for name, values in rows.items():
+        print(f"| {name} | {len(values)} | {1000 * statistics.fmean(values):.1f} | "
+              f"{1000 * statistics.median(values):.1f} |")  # fmt: skip
+
+
 class PairedBlocks(Callback):
     """Lightning against a plain loop in one process: after every ``block`` steps of the fit,
     ``block`` steps of ``raw_step``, each step of both timed.
@@ -86,11 +102,9 @@ class PairedBlocks(Callback):
         _sync()
         now = time.perf_counter()
         step = trainer.global_step  # type: ignore[attr-defined]
-        if step < self.warmup:
-            pass
-        elif step == self.warmup:
+        if step == self.warmup:
             self._raw_block(self.warmup)
-        else:
+        elif step > self.warmup:
             self._current.append(now - self._last)
             if len(self._current) == self.block:
                 self.lightning.append(self._current)
@@ -114,11 +128,7 @@ def paired_ratio(paired: PairedBlocks, name: str) -> float:
     deciles = statistics.quantiles(ratios, n=10)
     error = statistics.stdev(ratios) / len(ratios) ** 0.5
     print(f"\npaired blocks: {len(paired.lightning)} of {paired.block} steps each side")
-    print("| loop | steps | ms/step (mean) | ms/step (median) |")
-    print("|---|---|---|---|")
-    for label, values in (("lightning", lightning), ("raw", raw)):
-        print(f"| {label} | {len(values)} | {1000 * statistics.fmean(values):.1f} | "
-              f"{1000 * statistics.median(values):.1f} |")  # fmt: skip
+    print_step_table("loop", {"lightning": lightning, "raw": raw})
     print(f"throughput ratio (lightning / raw): ratio of means {ratio:.3f}; per block against its raw neighbours: "
           f"median {statistics.median(ratios):.3f}, 10th..90th percentile {deciles[0]:.3f} .. {deciles[-1]:.3f}, "
           f"standard error of their mean {error:.3f}")  # fmt: skip
@@ -130,14 +140,12 @@ class Stopwatch:
     """Wall time of a block, with CUDA synchronisation when a GPU is used."""
 
     def __enter__(self) -> Stopwatch:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         self.start = time.perf_counter()
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
+        _sync()
         self.seconds = time.perf_counter() - self.start
 
 

@@ -33,7 +33,7 @@ from lightning.pytorch import seed_everything as seed_all
 from diffusion_lightning import LatentDiffusionModule, WarmupCosineLR
 from diffusion_lightning.nets.latent import LatentComponents, build_components
 
-from _common import PairedBlocks, paired_ratio
+from _common import PairedBlocks, endless, paired_ratio
 
 #: A small SD-shaped model that takes about a second per step on 2 CPU cores (64x64 images, 32x32 latents).
 SMALL = {
@@ -117,18 +117,10 @@ class RawLoop:
         self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=1e-4)
         self.lr_schedule = WarmupCosineLR(self.optimizer, warmup_steps=5, total_steps=args.steps)
         self.noise_scheduler.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(device)
-        self.data = loader(args)
-        self.batches = iter(())
-
-    def next_batch(self) -> dict:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.data)
-            return next(self.batches)
+        self.batches = endless(loader(args))
 
     def __call__(self) -> None:
-        batch, device = self.next_batch(), self.device
+        batch, device = next(self.batches), self.device
         ids = self.tokenizer(batch["captions"], padding="max_length", truncation=True, return_tensors="pt").input_ids
         with torch.no_grad():
             latents = self.vae.encode(batch["images"].to(device)).latent_dist.sample() * self.vae.config.scaling_factor

@@ -70,7 +70,7 @@ from diffusion_lightning import (
 )
 from diffusion_lightning.callbacks import batch_size
 
-from _common import DEMO_NET, StepClock
+from _common import DEMO_NET, StepClock, print_step_table
 
 #: configs/callbacks/default.yaml, by name (the samplers due at every validation here).
 STACK: dict[str, Callable[[], Callback]] = {
@@ -191,11 +191,7 @@ def paired(data: MNISTDataModule, args: argparse.Namespace) -> None:
     deciles = statistics.quantiles(ratios, n=10)
     overhead = statistics.fmean(on) / statistics.fmean(off) - 1
     print(f"\npaired blocks ({args.paired_steps} steps in blocks of {args.block}, {len(ratios)} on-blocks)")
-    print("| hooks | steps | ms/step (mean) | ms/step (median) |")
-    print("|---|---|---|---|")
-    for name, values in (("off", off), ("on", on)):
-        print(f"| {name} | {len(values)} | {1000 * statistics.fmean(values):.1f} | "
-              f"{1000 * statistics.median(values):.1f} |")  # fmt: skip
+    print_step_table("hooks", {"off": off, "on": on})
     print(f"overhead: ratio of means {100 * overhead:+.2f}%; per on-block against its neighbours: median "
           f"{100 * statistics.median(ratios):+.2f}%, 10th..90th percentile {100 * deciles[0]:+.2f}% .. "
           f"{100 * deciles[-1]:+.2f}%")  # fmt: skip

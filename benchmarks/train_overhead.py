@@ -24,7 +24,7 @@ from diffusion_lightning.losses import diffusion_loss, min_snr_weights, snr, tra
 from diffusion_lightning.nets import build_unet
 from diffusion_lightning.schedulers import training_scheduler
 
-from _common import DEMO_NET, PairedBlocks, paired_ratio
+from _common import DEMO_NET, PairedBlocks, endless, paired_ratio
 
 MODEL_ARGS = dict(
     prediction_type="v_prediction", beta_schedule="squaredcos_cap_v2", snr_gamma=5.0, learning_rate=3e-3, p_uncond=0.1
@@ -45,21 +45,14 @@ class RawLoop:
         no_decay = [p for p in self.unet.parameters() if p.ndim <= 1]
         self.optimizer = torch.optim.AdamW([{"params": decay}, {"params": no_decay, "weight_decay": 0.0}], lr=3e-3)
         self.lr_schedule = WarmupCosineLR(self.optimizer, warmup_steps=10, total_steps=total_steps)
-        self.data = MNISTDataModule(batch_size=args.batch_size)
-        self.data.setup("fit")
-        self.batches = iter(())
+        data = MNISTDataModule(batch_size=args.batch_size)
+        data.setup("fit")
+        self.batches = endless(data.train_dataloader())
         self.generator = torch.Generator(device=self.device)
         self.step_index = 0
 
-    def next_batch(self) -> dict:
-        try:
-            return next(self.batches)
-        except StopIteration:
-            self.batches = iter(self.data.train_dataloader())
-            return next(self.batches)
-
     def __call__(self) -> None:
-        batch = self.next_batch()
+        batch = next(self.batches)
         images, labels = batch["images"].to(self.device), batch["labels"].to(self.device)
         self.generator.manual_seed(self.step_index)
         self.step_index += 1
