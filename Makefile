@@ -40,12 +40,12 @@ install: $(DEV_STAMP)
 $(JUDGE): | $(STAMP)
 	$(BIN)/diffusion-lightning fit --config configs/classifier_mnist.yaml --trainer.enable_progress_bar false
 
-# The config's sampler (DPM-Solver++, 10 steps); an exported folder records no steps, hence --steps.
+# The exported folder records the config's 10 DPM-Solver++ steps and guidance 2; sample and evaluate use them.
 demo: $(STAMP) $(JUDGE)
 	$(BIN)/diffusion-lightning fit --config configs/ddpm_mnist.yaml --trainer.default_root_dir $(DEMO_DIR)
 	$(BIN)/diffusion-lightning export --ckpt $(DEMO_DIR)/checkpoints/last.ckpt --out $(DEMO_DIR)/pipeline --overwrite
-	$(BIN)/diffusion-lightning sample --pipeline $(DEMO_DIR)/pipeline --out $(DEMO_DIR) --n-per-class 8 --no-images --steps 10
-	$(BIN)/diffusion-lightning evaluate --pipeline $(DEMO_DIR)/pipeline --judge $(JUDGE) --n-samples 500 --steps 10
+	$(BIN)/diffusion-lightning sample --pipeline $(DEMO_DIR)/pipeline --out $(DEMO_DIR) --n-per-class 8 --no-images
+	$(BIN)/diffusion-lightning evaluate --pipeline $(DEMO_DIR)/pipeline --judge $(JUDGE) --n-samples 500
 	@echo "demo outputs: $(DEMO_DIR)/samples.png $(DEMO_DIR)/pipeline/ $(DEMO_DIR)/metrics.json $(DEMO_DIR)/eval/"
 
 # VAE -> text-to-image base model on the digits 0-7 -> LoRA teaching 8 and 9 (50 examples each,

@@ -164,6 +164,9 @@ def test_a_checkpoint_teacher_carries_its_guidance_and_students_compare_with_it(
     trainer.save_checkpoint(checkpoint)
     session = Session.from_paths(str(checkpoint), [models["small"]], steps=2, n_per_class=1, progress=False)
     assert session.teacher.name == "teacher" and session.guidance_scale == 3.0
+    folder = tiny_ddpm(guidance_scale=3.0, num_train_timesteps=100).export_pipeline(tmp_path / "exported")
+    exported = Session.from_paths(str(folder), [models["small"]], steps=2, n_per_class=1, progress=False)
+    assert exported.guidance_scale == 3.0  # recorded by export in sampling_defaults.json
     assert type(session.teacher.pipeline.scheduler).__name__ == "DDIMScheduler"
     table, _ = trajectory_comparison(session)
     assert [r["step"] for r in table.rows] == [1, 2]

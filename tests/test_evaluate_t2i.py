@@ -216,7 +216,8 @@ def test_text_to_image_evaluation_writes_files_repeats_and_matches_a_recomputati
     assert [line.split(",")[:4] for line in lines[1:]] == [[str(i), p, str(i), "8"] for i, p in enumerate(PROMPTS)]
     saved = json.loads((out / "metrics.json").read_text())
     assert saved["feature_space"]["fid"] == saved["feature_space"]["manifold"]
-    assert saved["feature_space"]["fid"].startswith("digits-") and saved["sampling"]["guidance_scale"] == 7.5
+    # the module's guidance (2.0), recorded by export in sampling_defaults.json, not the text-to-image fallback 7.5
+    assert saved["feature_space"]["fid"].startswith("digits-") and saved["sampling"]["guidance_scale"] == 2.0
     assert [row["prompt"] for row in saved["per_prompt"]] == PROMPTS and len(saved["worst"]) == 16
     assert {"prompt", "class", "class_probability"} <= set(saved["worst"][0])
     metrics = saved["metrics"]
@@ -227,7 +228,7 @@ def test_text_to_image_evaluation_writes_files_repeats_and_matches_a_recomputati
     pipeline = StableDiffusionPipeline.from_pretrained(assets.pipeline)
     pipeline.set_progress_bar_config(disable=True)
     conditions = Conditions("prompt", tuple(PROMPTS), tuple(PROMPTS)).spread(24)
-    images = generate(pipeline, conditions, num_inference_steps=2, guidance_scale=7.5,
+    images = generate(pipeline, conditions, num_inference_steps=2, guidance_scale=2.0,
                       generator=torch.Generator().manual_seed(0))  # fmt: skip
     torch.testing.assert_close(result.images, images)
     # FID, KID, precision/recall and the judge, recomputed from the images and the caption folder's PNGs

@@ -213,11 +213,13 @@ def test_lora_and_merged_exports_load_in_a_fresh_process_and_match_the_module(sm
     torch.testing.assert_close(adapted, ours, atol=1e-5, rtol=1e-4)  # ...into the module's
     torch.testing.assert_close(merged, ours, atol=1e-4, rtol=1e-3)
 
-    # the sample command on the merged folder: no UNet, so its default size is FluxPipeline's (128 latent pixels)
+    # the sample command on the merged folder draws at the size the run trained at, recorded by export
+    # (without sampling_defaults.json it would be FluxPipeline's default, 128 latent pixels = 256 here)
+    assert json.loads((tmp_path / "merged" / "sampling_defaults.json").read_text())["image_size"] == 16
     out = tmp_path / "samples"
     sample.main(["--pipeline", str(tmp_path / "merged"), "--prompt", "a digit", "--steps", "2", "--out", str(out)])
     record = json.loads((out / "samples.json").read_text())
-    assert record["pipeline"] == "FluxPipeline" and record["height"] == record["width"] == 256
+    assert record["pipeline"] == "FluxPipeline" and record["height"] == record["width"] == 16
 
 
 def test_full_export_loads_in_a_fresh_process_without_warnings_and_matches_the_module(tmp_path):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,7 @@ from diffusion_lightning.modules.loading import (
     read_checkpoint,
     source_kind,
 )
+from diffusion_lightning.pipelines.sampling_defaults import SAMPLING_DEFAULTS_FILE
 from diffusion_lightning.utils.config import load_datamodule_config, resolve_class
 from tests.conftest import RandomDigits, quiet_trainer, tiny_ddpm
 
@@ -91,7 +93,18 @@ def test_pipeline_from_a_folder_and_its_errors(checkpoint, tmp_path):
     assert isinstance(pipeline, ClassConditionedPipeline) and pipeline.config.class_names == ["a", "b", "c"]
     assert type(pipeline.scheduler).__name__ == "DPMSolverMultistepScheduler"
     assert defaults.pop("condition_spec").class_names == ("a", "b", "c")  # the exported pipeline's own
-    assert defaults == PIPELINE_DEFAULTS
+    assert defaults == {"steps": 7, "guidance_scale": 3.0}  # recorded by export, as the checkpoint's
+    recorded = tmp_path / "exported" / SAMPLING_DEFAULTS_FILE
+    assert json.loads(recorded.read_text()) == {"num_inference_steps": 7, "guidance_scale": 3.0}
+    recorded.write_text('{"num_inference_steps": 0, "guidance_scale": 3.0}')
+    with pytest.raises(ValueError, match=r"sampling_defaults.json: num_inference_steps=0 is not valid; accepted"):
+        load_pipeline_source(pipeline=tmp_path / "exported")
+    recorded.write_text("{not json")
+    with pytest.raises(ValueError, match=r"sampling_defaults.json: not readable JSON"):
+        load_pipeline_source(pipeline=tmp_path / "exported")
+    recorded.unlink()  # a folder saved by diffusers alone records nothing
+    defaults = load_pipeline_source(pipeline=tmp_path / "exported")[1]
+    assert {k: v for k, v in defaults.items() if k != "condition_spec"} == PIPELINE_DEFAULTS
 
     with pytest.raises(ValueError, match="exactly one of ckpt.*or pipeline"):
         load_pipeline_source()

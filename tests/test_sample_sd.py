@@ -72,7 +72,8 @@ def test_text_to_image_writes_grid_images_and_json(sd_folder, tmp_path):
     assert grid.height == 2 + 2 * (16 + 2)  # two rows of 16 px tiles, padding 2, scale 1
     assert grid.width > 2 + 3 * (16 + 2)  # three tiles per row plus the prompt labels
     assert meta["prompts"] == PROMPTS and meta["negative_prompts"] is None
-    assert meta["n_per_prompt"] == 3 and meta["num_inference_steps"] == 2 and meta["guidance_scale"] == 7.5
+    # the module's guidance (2.0), recorded by export, not the text-to-image fallback 7.5
+    assert meta["n_per_prompt"] == 3 and meta["num_inference_steps"] == 2 and meta["guidance_scale"] == 2.0
     assert (meta["height"], meta["width"]) == (16, 16) and meta["image"] is None and meta["strength"] is None
     assert meta["pipeline"] == "StableDiffusionPipeline" and meta["device"] and meta["seed"] == 0
     assert meta["options"] == dict(attention_slicing=True, vae_slicing=True, vae_tiling=True, cpu_offload=False,

@@ -12,6 +12,7 @@ from tqdm.auto import tqdm
 
 from diffusion_lightning.modules.loading import load_pipeline_source
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
+from diffusion_lightning.pipelines.sampling_defaults import read_sampling_defaults
 from diffusion_lightning.schedulers import is_flow, make_scheduler
 
 __all__ = ["CONDITIONING_FIELDS", "Model", "Session", "check_conditioning", "load_model", "load_models"]
@@ -86,7 +87,8 @@ def load_model(path: str | Path, name: str | None = None, device: str | torch.de
             "compares models on a DDPM noise schedule (DDIM trajectories, add_noise) and does not support it."
         )
     pipeline.scheduler = make_scheduler("ddim", pipeline.scheduler.config)
-    guidance = float(defaults["guidance_scale"]) if checkpoint else None
+    recorded = checkpoint or "guidance_scale" in read_sampling_defaults(source)  # else the fixed default
+    guidance = float(defaults["guidance_scale"]) if recorded else None
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     pipeline.unet.eval()

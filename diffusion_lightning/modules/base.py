@@ -40,6 +40,7 @@ from diffusion_lightning.modules.nonfinite import NonFiniteLossGuard, NonFiniteL
 from diffusion_lightning.optim import WarmupCosineLR, optimizer_config
 from diffusion_lightning.pipelines import save_pipeline_code
 from diffusion_lightning.pipelines.conditioning import Conditions, ConditionSpec, generate
+from diffusion_lightning.pipelines.sampling_defaults import write_sampling_defaults
 from diffusion_lightning.schedulers import SCHEDULERS, make_scheduler, training_scheduler
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.model_card import ModelCardOptions, write_model_card
@@ -460,12 +461,14 @@ class DiffusionModule(NonFiniteLossGuard, LightningModule, ABC):
         holds the card ``README.md`` (see :mod:`diffusion_lightning.utils.model_card`; ``card`` gives
         its license, the run it describes and whether to draw ``samples.png``) and, for a pipeline
         class of this package, the class's module as ``pipeline.py``, so that diffusers alone loads
-        it with ``custom_pipeline``.
+        it with ``custom_pipeline``; and the module's steps and guidance in ``sampling_defaults.json``
+        (see :mod:`diffusion_lightning.pipelines.sampling_defaults`).
         """
         pipeline = self.build_pipeline(scheduler)
         with atomic_directory(path) as tmp:
             pipeline.save_pretrained(tmp, safe_serialization=True)
             save_pipeline_code(pipeline, tmp)
+            write_sampling_defaults(tmp, self)
             write_model_card(tmp, self, path, "pipeline", pipeline, card)
         return Path(path)
 

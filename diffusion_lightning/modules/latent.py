@@ -38,6 +38,7 @@ from diffusion_lightning.nets.latent import (
     set_attention,
 )
 from diffusion_lightning.pipelines.conditioning import ConditionSpec
+from diffusion_lightning.pipelines.sampling_defaults import write_sampling_defaults
 from diffusion_lightning.schedulers import flow_shift_of, is_flow
 from diffusion_lightning.utils.io import atomic_directory
 from diffusion_lightning.utils.latent_cache import LatentCache
@@ -564,6 +565,7 @@ class LatentDiffusionModule(TextEmbeddingCaching, TrainedWeightsCheckpoint, Diff
                 merged = fused_lora_pipeline(self.make_pipeline(parts), tmp)
                 (Path(tmp) / "pytorch_lora_weights.safetensors").unlink()
                 merged.save_pretrained(tmp, safe_serialization=True)
+                write_sampling_defaults(tmp, self)
                 write_model_card(tmp, self, path, "pipeline", merged, card)
             else:
                 drawn = self.build_pipeline(scheduler) if card is not None and card.samples else None

@@ -34,6 +34,7 @@ from diffusion_lightning.modules.base import DiffusionModule
 from diffusion_lightning.modules.trained_weights import TrainedWeightsCheckpoint
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
 from diffusion_lightning.pipelines.conditioning import condition_spec
+from diffusion_lightning.pipelines.sampling_defaults import read_sampling_defaults
 from diffusion_lightning.schedulers import make_scheduler
 from diffusion_lightning.utils.config import resolve_class
 
@@ -54,7 +55,7 @@ __all__ = [
 WEIGHTS = ("ema", "raw")
 #: Pipeline classes of this package, which ``DiffusionPipeline.from_pretrained`` cannot find in diffusers.
 LOCAL_PIPELINES: dict[str, type[DiffusionPipeline]] = {"ClassConditionedPipeline": ClassConditionedPipeline}
-#: Sampling defaults of an exported pipeline folder (which records no steps or guidance).
+#: Sampling defaults of a pipeline folder that records none (no ``sampling_defaults.json``).
 PIPELINE_DEFAULTS: dict[str, Any] = {"steps": 25, "guidance_scale": 2.0}
 #: The same for text-to-image pipelines: diffusers' usual guidance for Stable Diffusion.
 TEXT_PIPELINE_DEFAULTS: dict[str, Any] = {"steps": 25, "guidance_scale": 7.5}
@@ -316,7 +317,8 @@ def load_pipeline_source(
 
     A checkpoint gives its module's pipeline (``build_pipeline``) with the module's sampler, steps
     and guidance; a folder loads with the class its ``model_index.json`` names (this package's
-    :class:`ClassConditionedPipeline` included), with :data:`PIPELINE_DEFAULTS` (or
+    :class:`ClassConditionedPipeline` included), with the steps and guidance its export recorded
+    (:mod:`~diffusion_lightning.pipelines.sampling_defaults`), else :data:`PIPELINE_DEFAULTS` (or
     :data:`TEXT_PIPELINE_DEFAULTS` for text-to-image pipelines).
 
     Args:
@@ -363,6 +365,8 @@ def load_pipeline_source(
     loaded = _load_folder(os.fspath(pipeline), expect)
     spec = condition_spec(loaded)
     defaults = dict(TEXT_PIPELINE_DEFAULTS if spec.kind == "prompt" else PIPELINE_DEFAULTS)
+    if Path(pipeline).is_dir():  # a hub id's folder is in diffusers' cache; it falls back to the fixed defaults
+        defaults.update(read_sampling_defaults(pipeline))
     defaults["condition_spec"] = spec
     if scheduler:
         loaded.scheduler = make_scheduler(scheduler, loaded.scheduler.config)
