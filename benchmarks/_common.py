@@ -159,3 +159,24 @@ def judge_checkpoint(path: Path) -> Path:
     config = str(REPO / "configs/classifier_mnist.yaml")
     cli_main(["fit", "--config", config, "--trainer.default_root_dir", str(JUDGE_DIR)])
     return JUDGE_DIR / "checkpoints" / "last.ckpt"
+
+
+def save_strips(path: Path, rows: dict[str, torch.Tensor], title: str) -> Path:
+    """One row of images (``(N, 1, H, W)`` in ``[0, 1]``) per entry of ``rows``, labelled by its key, in one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure, axes = plt.subplots(len(rows), 1, figsize=(8, 0.9 * len(rows) + 0.4), squeeze=False)
+    for axis, (label, images) in zip(axes[:, 0], rows.items()):
+        axis.imshow(torch.cat(list(images[:, 0].clamp(0, 1)), dim=1).numpy(), cmap="gray", vmin=0, vmax=1)
+        axis.set_xticks([])
+        axis.set_yticks([])
+        axis.set_ylabel(label, rotation=0, ha="right", va="center")
+    figure.suptitle(title)
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+    return path

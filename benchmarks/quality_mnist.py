@@ -45,7 +45,7 @@ from diffusion_lightning import load_module  # noqa: E402
 from diffusion_lightning.cli import DiffusionCLI  # noqa: E402
 from diffusion_lightning.metrics import EvaluationConfig, Evaluator, load_judge  # noqa: E402
 
-from _common import JUDGE_DIR, REPO, judge_checkpoint  # noqa: E402
+from _common import JUDGE_DIR, REPO, judge_checkpoint, save_strips  # noqa: E402
 
 THRESHOLDS = (0.90, 0.95, 0.98)
 SAMPLERS = (("ddpm", 1000), ("ddim", 50), ("dpm", 10), ("dpm", 20))
@@ -235,18 +235,8 @@ def _real_accuracy(scorer: Evaluator) -> float:
 
 def _strips(out: Path, sampler: str, strips: dict[int, torch.Tensor]) -> None:
     """One row of digits 0-9 per step count, from the same starting noise."""
-    out.mkdir(parents=True, exist_ok=True)
-    figure, axes = plt.subplots(len(strips), 1, figsize=(8, 0.9 * len(strips) + 0.4), squeeze=False)
-    for axis, (steps, images) in zip(axes[:, 0], strips.items()):
-        row_image = torch.cat(list(images[:, 0].clamp(0, 1)), dim=1)
-        axis.imshow(row_image.numpy(), cmap="gray", vmin=0, vmax=1)
-        axis.set_xticks([])
-        axis.set_yticks([])
-        axis.set_ylabel(f"{steps} step{'s' if steps > 1 else ''}", rotation=0, ha="right", va="center")
-    figure.suptitle(f"the same noise, {sampler}, by number of sampling steps")
-    figure.tight_layout()
-    figure.savefig(out / "steps_strips.png", dpi=100)
-    plt.close(figure)
+    rows = {f"{steps} step{'s' if steps > 1 else ''}": images for steps, images in strips.items()}
+    save_strips(out / "steps_strips.png", rows, f"the same noise, {sampler}, by number of sampling steps")
 
 
 def _plots(out: Path, over_time: list[dict[str, Any]], scales: list[dict[str, Any]]) -> None:

@@ -23,6 +23,7 @@ from diffusion_lightning.losses import (
     shift_sigmas,
     training_target,
 )
+from diffusion_lightning.modules.loading import load_pipeline_source
 from diffusion_lightning.schedulers import FLOW_SCHEDULERS, is_flow, make_scheduler, training_scheduler
 from tests.conftest import RandomDigits, quiet_trainer, tiny_ddpm
 
@@ -196,15 +197,68 @@ def test_knowledge_distillation_takes_the_flow_teacher_objective(tmp_path):
     trainer.fit(student, loaders()[0])
 
 
-def test_progressive_distillation_and_analysis_refuse_a_flow_teacher(tmp_path):
-    from diffusion_lightning import ProgressiveDistillationModule
+def test_analysis_refuses_a_flow_teacher(tmp_path):
     from diffusion_lightning.analysis.models import load_model
 
     folder = tiny_ddpm(prediction_type=FLOW).export_pipeline(tmp_path / "teacher")
-    with pytest.raises(ValueError, match="flow-matching model.*progressive distillation"):
-        ProgressiveDistillationModule(teacher=str(folder))
     with pytest.raises(ValueError, match="flow-matching model.*does not support it"):
         load_model(folder)
+
+
+@pytest.mark.parametrize("shift", [1.0, 2.0])
+def test_flow_progressive_target_makes_one_euler_step_land_on_two_teacher_steps(tmp_path, shift):
+    from diffusion_lightning import ProgressiveDistillationModule
+
+    torch.manual_seed(0)
+    folder = tiny_ddpm(prediction_type=FLOW, flow_shift=shift).export_pipeline(tmp_path / "teacher")
+    module = ProgressiveDistillationModule(teacher=str(folder), teacher_steps=8, rounds=1)
+    assert module.is_flow and module.student_steps == 4 and module.flow_shift == shift
+    student = module.sampling_scheduler()  # what the exported round samples with
+    student.set_timesteps(4)
+    teacher = module._flow_euler(8)  # the teacher's grid: twice as fine, nested in the student's
+    teacher.set_timesteps(8)
+    torch.testing.assert_close(teacher.sigmas[::2], student.sigmas)
+    torch.testing.assert_close(student.sigmas, torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]))  # whatever the shift
+    index = torch.tensor([0, 1, 2, 3])
+    sigma, mid, end = module.flow_transitions(index)
+    torch.testing.assert_close(sigma, student.sigmas[:4])
+    torch.testing.assert_close(mid, teacher.sigmas[1::2])
+    torch.testing.assert_close(end, student.sigmas[1:])
+
+    g = torch.Generator().manual_seed(0)
+    sample, noise = torch.rand(4, 1, 8, 8, generator=g) * 2 - 1, torch.randn(4, 1, 8, 8, generator=g)
+    labels = torch.tensor([0, 1, 2, 3])
+    labels[3] = 3  # the null class of 3 classes: the unconditional branch is distilled too
+    out = module._flow_step(sample, labels, index, noise)
+    for i in range(4):  # the teacher's two steps as diffusers' 8-step Euler takes them...
+        z = out.noisy[i : i + 1]
+        teacher._step_index = 2 * i
+        for t in teacher.timesteps[2 * i : 2 * i + 2]:
+            z = teacher.step(module.teacher_forward(z, t.view(1), labels[i : i + 1]), t, z).prev_sample
+        # ...and one 4-step Euler step of a student that predicts the target lands on the same point
+        student._step_index = i
+        t = student.timesteps[i]
+        landed = student.step(out.target[i : i + 1], t, out.noisy[i : i + 1]).prev_sample
+        torch.testing.assert_close(landed, z, atol=1e-5, rtol=1e-4)
+    assert out.loss > 0 and out.per_sample_loss.shape == (4,)
+
+
+def test_flow_progressive_rounds_export_euler_students_that_record_their_steps(tmp_path):
+    from diffusion_lightning import ProgressiveDistillationModule
+
+    folder = tiny_ddpm(prediction_type=FLOW, guidance_scale=1.5).export_pipeline(tmp_path / "teacher")
+    module = ProgressiveDistillationModule(teacher=str(folder), teacher_steps=8, rounds=2, steps_per_round=2)
+    trainer = quiet_trainer(tmp_path / "run", max_steps=4, limit_val_batches=0)
+    trainer.fit(module, loaders()[0])
+    assert module.student_steps == 2 and module.num_inference_steps == 2
+    for steps in (4, 2):
+        pipe, defaults = load_pipeline_source(pipeline=tmp_path / "run" / "rounds" / f"steps={steps}")
+        assert type(pipe.scheduler) is FlowMatchEulerDiscreteScheduler
+        assert pipe.scheduler.config.shift_terminal == 1.0 / steps
+        assert defaults["steps"] == steps and defaults["guidance_scale"] == 1.5
+        pipe.set_progress_bar_config(disable=True)
+        images = pipe([0, 1], num_inference_steps=steps, output_type="pt").images
+        assert images.shape == (2, 1, 8, 8) and torch.isfinite(images).all()
 
 
 @pytest.mark.parametrize(
