@@ -14,8 +14,8 @@ JUDGE := outputs/classifier_mnist/checkpoints/last.ckpt
 .PHONY: help install demo demo-t2i test lint typecheck bench clean
 
 help:
-	@echo "make demo       train the MNIST diffusion model (flow matching, ~3.5 min on 2 CPU cores), export, sample"
-	@echo "                and evaluate it in $(DEMO_DIR)/ (~10 min from a fresh clone, install included)"
+	@echo "make demo       train the MNIST diffusion model (flow matching, ~3 min on 2 CPU cores), export, sample"
+	@echo "                and evaluate it in $(DEMO_DIR)/ (~8 min from a fresh clone, install included)"
 	@echo "make demo-t2i   a latent text-to-image model on captioned digits: VAE, base model on 0-7, LoRA teaching 8 and 9,"
 	@echo "                export, sample and evaluate, in $(T2I_DIR)/ (~12 min on 2 CPU cores)"
 	@echo "make test       ruff + the test suite"
