@@ -74,7 +74,7 @@ def main() -> None:
     print(f"| solver | order | shift | FID at {args.steps} steps | vs 20-step | accuracy | precision | recall |")
     print("|---|---|---|---|---|---|---|---|")
     best = float("inf")
-    strips = {"dpm, 20 steps (reference)": reference["strip"]}
+    student_strips: dict[str, torch.Tensor] = {}
     best_solver: tuple[float, str, torch.Tensor] | None = None
 
     def report(cells: list, row: dict) -> None:
@@ -99,9 +99,9 @@ def main() -> None:
         report([f"teacher, {folder}'s Euler", 1, "grid"], score(student.scheduler, steps, pipe, guidance))
         row = score(student.scheduler, steps, student, guidance)
         report([f"student {folder} ({steps} steps)", 1, "grid"], row)
-        strips[f"student {Path(folder).name}, {steps} steps"] = row["strip"]
-    if best_solver is not None:
-        strips = {**dict(list(strips.items())[:1]), best_solver[1]: best_solver[2], **dict(list(strips.items())[1:])}
+        student_strips[f"student {Path(folder).name}, {steps} steps"] = row["strip"]
+    solver_strip = {best_solver[1]: best_solver[2]} if best_solver else {}
+    strips = {"dpm, 20 steps (reference)": reference["strip"], **solver_strip, **student_strips}
     print(f"wrote {save_strips(Path(args.out) / 'strips.png', strips, 'the same noise: reference, solvers, students')}")
     print(f"best_few_step_fid_vs_20={best:.4f}")
 

@@ -10,17 +10,16 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from diffusion_lightning.modules.loading import load_pipeline_source
+from diffusion_lightning.modules.loading import PIPELINE_DEFAULTS, load_pipeline_source
 from diffusion_lightning.pipelines.class_conditioned import ClassConditionedPipeline
-from diffusion_lightning.pipelines.sampling_defaults import read_sampling_defaults
 from diffusion_lightning.schedulers import is_flow, make_scheduler
 
 __all__ = ["CONDITIONING_FIELDS", "Model", "Session", "check_conditioning", "load_model", "load_models"]
 
 #: What a student must share with its teacher to be compared on the same inputs.
 CONDITIONING_FIELDS = ("num_classes", "prediction_type", "sample_size", "in_channels", "out_channels")
-#: Guidance scale when the source records none (a pipeline folder).
-DEFAULT_GUIDANCE = 2.0
+#: Guidance scale of a pipeline folder that records none (no ``sampling_defaults.json``).
+DEFAULT_GUIDANCE = PIPELINE_DEFAULTS["guidance_scale"]
 ACCEPTED_FORMS = "a .ckpt file written by fit, or a pipeline folder with model_index.json (from export/save_pretrained)"
 
 
@@ -32,7 +31,8 @@ class Model:
         name: Label in tables and figures.
         path: Where it was loaded from.
         pipeline: The pipeline, with a DDIM scheduler on the same noise schedule.
-        guidance_scale: The guidance scale its source records, ``None`` when unknown.
+        guidance_scale: The guidance scale its source records (:data:`DEFAULT_GUIDANCE` for a folder that records
+            none), ``None`` when unknown.
     """
 
     name: str
@@ -87,8 +87,7 @@ def load_model(path: str | Path, name: str | None = None, device: str | torch.de
             "compares models on a DDPM noise schedule (DDIM trajectories, add_noise) and does not support it."
         )
     pipeline.scheduler = make_scheduler("ddim", pipeline.scheduler.config)
-    recorded = checkpoint or "guidance_scale" in read_sampling_defaults(source)  # else the fixed default
-    guidance = float(defaults["guidance_scale"]) if recorded else None
+    guidance = float(defaults["guidance_scale"])
     pipeline.set_progress_bar_config(disable=True)
     pipeline.to(device)
     pipeline.unet.eval()
@@ -200,7 +199,8 @@ class Session:
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}={value!r} is not accepted; expected an int >= 1.")
         if self.guidance_scale is None:
-            self.guidance_scale = self.teacher.guidance_scale or DEFAULT_GUIDANCE
+            known = self.teacher.guidance_scale
+            self.guidance_scale = DEFAULT_GUIDANCE if known is None else known
         if self.guidance_scale < 0:
             raise ValueError(f"guidance_scale={self.guidance_scale!r} must be >= 0 (1 disables guidance).")
         self.labels = torch.tensor(self.classes).repeat_interleave(self.n_per_class)
